@@ -1,0 +1,1 @@
+"""Trainable thin-plate-spline spatial transformer networks."""
