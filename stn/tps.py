@@ -196,15 +196,19 @@ class TPSGridGen(nn.Module):
         key = (size, dtype, self.matrix.device)
         cached = self._cache.get(key)
         if cached is None:
-            exact = size == self.size and self.matrix.dtype == torch.float64
-            full = self.matrix if exact else self._build(size)
+            full = self.matrix if size == self.size else self._build(size)
             cached = full.to(device=self.matrix.device, dtype=dtype).contiguous()
             self._cache[key] = cached
         return cached
 
     def _apply(self, fn, recurse: bool = True):
+        """Device moves follow the module; dtype casts do not: the map stays exact, in float64."""
+        super()._apply(fn, recurse)
+        device = self.matrix.device
+        self.target_points = self._points.to(device=device, dtype=torch.float32)
+        self.matrix = self._build(self.size).to(device)
         self._cache = {}
-        return super()._apply(fn, recurse)
+        return self
 
     def forward(self, source_points: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Sampling grid for ``source_points`` ``(N, T, 2)`` -> ``(N, H, W, 2)``.
