@@ -146,6 +146,14 @@ def _check_source_points(source_points: Tensor, count: int) -> None:
         )
 
 
+def _exact_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in the inputs' own dtype, also where autocast would lower it to 16 bits."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return a @ b
+    return a @ b
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """TPS maths runs in float64 for float64 input and in float32 otherwise (also under autocast)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -156,7 +164,10 @@ class TPSGridGen(nn.Module):
 
     The ``(T+3) x (T+3)`` TPS system is inverted once, in float64, at construction, and the
     per-pixel map ``M`` ``(H*W, T)`` is kept as a buffer; :meth:`forward` is one matrix product
-    ``(H*W, T) @ (T, 2N)``. Another output size gets its own ``M``, built and cached on first use.
+    ``(2N, T) @ (T, H*W)`` that writes the x and y planes of the grid; the returned ``(N, H, W, 2)``
+    grid is a view of those planes (``grid_sample`` reads it at full speed; call ``.contiguous()``
+    if you need interleaved xy). Another output size gets its own ``M``, built and cached on first
+    use.
 
     Args:
         target_points: ``(T, 2)`` control points in the output frame, normalised xy.
@@ -216,15 +227,14 @@ class TPSGridGen(nn.Module):
         ``grid[n, i, j]`` is the input position that output pixel ``(i, j)`` reads; feed it to
         ``F.grid_sample(image, grid, align_corners=self.align_corners)``.
         """
+        batch, count = source_points.shape[:2]
         _check_source_points(source_points, self.num_points)
         height, width = self.size if size is None else _check_size(size)
         dtype = _compute_dtype(source_points.dtype)
         matrix = self.map_matrix((height, width), dtype)
-        batch = source_points.shape[0]
-        with torch.autocast(source_points.device.type, enabled=False):
-            sources = source_points.to(dtype).transpose(0, 1).reshape(self.num_points, 2 * batch)
-            grid = matrix @ sources
-        return grid.view(height, width, batch, 2).permute(2, 0, 1, 3).contiguous()
+        sources = source_points.to(dtype).transpose(1, 2).reshape(2 * batch, count)
+        planes = _exact_matmul(sources, matrix.T)
+        return planes.view(batch, 2, height, width).permute(0, 2, 3, 1)
 
     def extra_repr(self) -> str:
         return f"num_points={self.num_points}, size={self.size}, align_corners={self.align_corners}"

@@ -189,7 +189,7 @@ def test_dtype_device_and_batch_sizes():
     generator = TPSGridGen(target, size=(10, 12))
     for batch in (1, 7):
         grid = generator(random_sources(target, batch))
-        assert grid.shape == (batch, 10, 12, 2) and grid.dtype == torch.float32 and grid.is_contiguous()
+        assert grid.shape == (batch, 10, 12, 2) and grid.dtype == torch.float32
     assert generator(random_sources(target, 2, dtype=torch.float64)).dtype == torch.float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert generator(random_sources(target, 2)).dtype == torch.float32

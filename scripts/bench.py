@@ -1,0 +1,137 @@
+"""Benchmarks that print tables of timings and ratios against named peers.
+
+    python scripts/bench.py tps     # TPS warp: stn vs kornia vs a per-call-solve generator vs bare grid_sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from stn.tps import TPSGridGen, grid_points
+
+TPS_SHAPES = [(64, 1, 28, 28, 16), (64, 1, 42, 42, 16), (32, 3, 224, 224, 25), (128, 3, 32, 100, 20)]
+
+
+def median_seconds(fn, min_run_time: float) -> float:
+    """Median wall time of one call of ``fn``."""
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def layout_for(count: int) -> tuple[int, int]:
+    """The most square ``rows x cols`` grid with ``count`` points."""
+    rows = max(r for r in range(2, int(math.isqrt(count)) + 1) if count % r == 0)
+    return rows, count // rows
+
+
+def textbook_grid(source: torch.Tensor, target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The usual TPS grid generator: build and solve the system, evaluate U at every pixel, per call.
+
+    ``source`` ``(N, T, 2)``, ``target`` ``(T, 2)`` -> grid ``(N, H, W, 2)``.
+    """
+    batch, count = source.shape[:2]
+    distances = torch.cdist(target, target).square()
+    kernel = distances * torch.log(distances + 1e-12)
+    affine = torch.cat([torch.ones(count, 1), target], dim=1)
+    system = torch.cat([torch.cat([kernel, affine], 1), torch.cat([affine.T, torch.zeros(3, 3)], 1)], 0)
+    rhs = torch.cat([source, source.new_zeros(batch, 3, 2)], dim=1)
+    coefficients = torch.linalg.solve(system.expand(batch, -1, -1), rhs)
+    base = F.affine_grid(torch.eye(2, 3).expand(batch, -1, -1), [batch, 1, *size], align_corners=False)
+    pixels = base.reshape(batch, -1, 2)
+    pixel_distances = torch.cdist(pixels, target.expand(batch, -1, -1)).square()
+    pixel_kernel = pixel_distances * torch.log(pixel_distances + 1e-12)
+    basis = torch.cat([pixel_kernel, torch.ones_like(pixels[..., :1]), pixels], dim=-1)
+    return (basis @ coefficients).view(batch, *size, 2)
+
+
+def tps_contenders(shape: tuple[int, ...], backward: bool) -> dict[str, object]:
+    """Callables warping one batch of ``shape`` (N, C, H, W, T), each way we compare."""
+    from kornia.geometry.transform import get_tps_transform, warp_image_tps
+
+    batch, channels, height, width, count = shape
+    target = grid_points(*layout_for(count))
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, channels, height, width, generator=generator)
+    source = (target + 0.05 * torch.randn(batch, count, 2, generator=generator)).requires_grad_(backward)
+    stn_generator = TPSGridGen(target, size=(height, width))
+    fixed_grid = stn_generator(source.detach()).requires_grad_(backward)
+    targets = target.expand(batch, -1, -1)
+
+    def run(warp):
+        def call():
+            out = warp()
+            if backward:
+                out.sum().backward()
+
+        return call
+
+    def kornia_warp():
+        kernel_weights, affine_weights = get_tps_transform(targets, source)
+        return warp_image_tps(image, source, kernel_weights, affine_weights)
+
+    return {
+        "stn": run(lambda: F.grid_sample(image, stn_generator(source), align_corners=False)),
+        "kornia": run(kornia_warp),
+        "per-call solve": run(lambda: F.grid_sample(image, textbook_grid(source, target, (height, width)), align_corners=False)),
+        "grid_sample floor": run(lambda: F.grid_sample(image, fixed_grid, align_corners=False)),
+    }
+
+
+def tps_accuracy(shape: tuple[int, ...]) -> dict[str, float]:
+    """Largest distance, in output pixels, of each float32 grid from the float64 TPS grid."""
+    from kornia.geometry.transform import get_tps_transform, warp_points_tps
+
+    batch, _, height, width, count = shape
+    target = grid_points(*layout_for(count))
+    source = target + 0.05 * torch.randn(batch, count, 2, generator=torch.Generator().manual_seed(0))
+    exact = TPSGridGen(target.double(), size=(height, width))(source.double())
+    pixels = F.affine_grid(torch.eye(2, 3).expand(batch, -1, -1), [batch, 1, height, width], align_corners=False)
+    kernel_weights, affine_weights = get_tps_transform(target.expand(batch, -1, -1), source)
+    grids = {
+        "stn": TPSGridGen(target, size=(height, width))(source),
+        "kornia": warp_points_tps(pixels.reshape(batch, -1, 2), source, kernel_weights, affine_weights),
+        "per-call solve": textbook_grid(source, target, (height, width)),
+    }
+    half_size = torch.tensor([width / 2, height / 2], dtype=torch.float64)
+    return {name: float(((grid.double().view_as(exact) - exact) * half_size).abs().max()) for name, grid in grids.items()}
+
+
+def bench_tps(args: argparse.Namespace) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per call, ratio = peer / stn\n")
+    for backward in (False, True):
+        print(f"### {'forward + backward' if backward else 'forward'}\n")
+        print("| N,C,H,W,T | stn ms | kornia ms | per-call solve ms | grid_sample floor ms | kornia / stn | per-call / stn | stn / floor |")
+        print("|---|---|---|---|---|---|---|---|")
+        for shape in TPS_SHAPES:
+            times = {name: median_seconds(fn, args.min_run_time) * 1e3 for name, fn in tps_contenders(shape, backward).items()}
+            stn = times["stn"]
+            print(
+                f"| {','.join(map(str, shape))} | {stn:.3f} | {times['kornia']:.2f} | {times['per-call solve']:.2f} | "
+                f"{times['grid_sample floor']:.3f} | {times['kornia'] / stn:.1f}x | {times['per-call solve'] / stn:.1f}x | "
+                f"{stn / times['grid_sample floor']:.2f}x |"
+            )
+        print()
+    print("### exactness: largest |grid - float64 TPS grid| in output pixels\n")
+    print("| N,C,H,W,T | stn | kornia | per-call solve |")
+    print("|---|---|---|---|")
+    for shape in TPS_SHAPES:
+        error = tps_accuracy(shape)
+        print(f"| {','.join(map(str, shape))} | {error['stn']:.1e} | {error['kornia']:.1e} | {error['per-call solve']:.1e} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tps = commands.add_parser("tps", help="TPS warp speed against kornia, a per-call-solve generator and grid_sample")
+    tps.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per cell")
+    tps.set_defaults(run=bench_tps)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
