@@ -1,0 +1,295 @@
+"""The distorted-MNIST benchmarks of Jaderberg et al. 2015 (Table 1), as seeded batched warps.
+
+Each distortion is two steps. :func:`sample_params` draws its random parameters for a batch from a
+``torch.Generator`` (on the generator's device); :func:`warp` applies them to the whole batch with one
+``F.grid_sample`` (bilinear, zero padding, ``align_corners=False``). :func:`distort` does both, and
+:func:`distort_dataset` distorts a whole image set once, reproducibly, for evaluation.
+
+=========  ==============================================================================  ========
+name       what happens to the 28x28 digit                                                 output
+=========  ==============================================================================  ========
+``none``   nothing (uint8 / 255)                                                           28x28
+``r``      rotated by U(-90°, 90°) about the image centre                                  28x28
+``rts``    rotated by U(-45°, 45°), scaled by U(0.7, 1.2), placed uniformly at random on  42x42
+           a 42x42 canvas (the scaled 28x28 frame stays inside the canvas)
+``p``      scaled by U(0.75, 1.0), then each of its 4 corners moved by N(0, 5 px) in x     28x28
+           and y; the projective map (homography) through the 4 corner pairs
+``e``      scaled by U(0.75, 1.0), then each of the 16 points of a 4x4 grid over the      28x28
+           image moved by N(0, 1.5 px) in x and y; the thin-plate spline through them
+=========  ==============================================================================  ========
+
+Units: pixels of the 28x28 digit, except ``rts`` shifts, which are pixels of the 42x42 canvas; angles
+in radians, positive turns the digit clockwise as displayed (x right, y down).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stn.tps import TPSGridGen, grid_points
+
+__all__ = [
+    "DISTORTIONS",
+    "check_distortion",
+    "output_size",
+    "to_float",
+    "generator_seed",
+    "sample_params",
+    "similarity_grid",
+    "projective_grid",
+    "elastic_grid",
+    "warp",
+    "distort",
+    "distort_dataset",
+]
+
+DISTORTIONS = ("none", "r", "rts", "p", "e")
+
+INPUT_SIZE = 28
+CANVAS_SIZE = 42
+R_MAX_ANGLE = math.radians(90.0)
+RTS_MAX_ANGLE = math.radians(45.0)
+RTS_SCALE = (0.7, 1.2)
+P_SCALE = (0.75, 1.0)
+P_CORNER_STD = 5.0
+E_SCALE = (0.75, 1.0)
+E_GRID = 4
+E_POINT_STD = 1.5
+EVAL_BLOCK = 1000
+
+_PIXELS_PER_UNIT = INPUT_SIZE / 2  # normalised coordinates span 2 units across the 28 pixels
+_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))  # top-left, top-right, bottom-left, bottom-right
+
+
+def check_distortion(name: str) -> str:
+    """Return ``name`` if it is one of :data:`DISTORTIONS`, else raise a ``ValueError`` naming the fix."""
+    if name not in DISTORTIONS:
+        raise ValueError(
+            f"Unknown MNIST distortion {name!r}. Choose one of {', '.join(DISTORTIONS)} (none: plain MNIST; "
+            "r: rotated; rts: rotated, scaled and translated on a 42x42 canvas; p: projective; e: elastic), "
+            "e.g. data.distortion=rts on the command line or distortion='rts' in Python."
+        )
+    return name
+
+
+def output_size(name: str) -> tuple[int, int]:
+    """``(H, W)`` of the images that distortion ``name`` produces."""
+    side = CANVAS_SIZE if check_distortion(name) == "rts" else INPUT_SIZE
+    return side, side
+
+
+def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1] -> float ``dtype`` in [0, 1]."""
+    if images.ndim != 4 or tuple(images.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
+        raise ValueError(
+            f"MNIST distortions take undistorted digits of shape (N, C, 28, 28), got {tuple(images.shape)}. "
+            "Add a channel dimension with images[:, None] and distort each image only once."
+        )
+    if images.dtype == torch.uint8:
+        return images.to(dtype) / 255
+    if not images.is_floating_point():
+        raise ValueError(f"MNIST images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}.")
+    return images.to(dtype)
+
+
+def generator_seed(*keys: int) -> int:
+    """A 64-bit seed mixed from non-negative integer ``keys``, e.g. ``(tag, seed, epoch, rank)``.
+
+    Key tuples of the same length that differ anywhere give unrelated seeds (numpy's SeedSequence).
+    """
+    return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1, np.uint64)[0])
+
+
+def sample_params(name: str, count: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Draw the random parameters of distortion ``name`` for ``count`` images.
+
+    Draws happen on ``generator.device`` in a fixed order, so a generator state gives one result.
+
+    Returns:
+        ``none``: ``{}``; ``r``: ``angle`` ``(N,)``; ``rts``: ``angle``, ``scale`` ``(N,)``, ``shift``
+        ``(N, 2)`` canvas pixels; ``p``: ``scale``, ``corner_shift`` ``(N, 4, 2)`` pixels; ``e``:
+        ``scale``, ``point_shift`` ``(N, 16, 2)`` pixels.
+    """
+    check_distortion(name)
+    options = {"generator": generator, "device": generator.device, "dtype": dtype}
+
+    def uniform(low: float, high: float, *shape: int) -> Tensor:
+        return torch.rand(count, *shape, **options) * (high - low) + low
+
+    def normal(std: float, *shape: int) -> Tensor:
+        return torch.randn(count, *shape, **options) * std
+
+    if name == "none":
+        return {}
+    if name == "r":
+        return {"angle": uniform(-R_MAX_ANGLE, R_MAX_ANGLE)}
+    if name == "rts":
+        angle = uniform(-RTS_MAX_ANGLE, RTS_MAX_ANGLE)
+        scale = uniform(*RTS_SCALE)
+        room = (CANVAS_SIZE - INPUT_SIZE * scale) / 2
+        return {"angle": angle, "scale": scale, "shift": uniform(-1.0, 1.0, 2) * room[:, None]}
+    if name == "p":
+        scale = uniform(*P_SCALE)
+        return {"scale": scale, "corner_shift": normal(P_CORNER_STD, 4, 2)}
+    scale = uniform(*E_SCALE)
+    return {"scale": scale, "point_shift": normal(E_POINT_STD, E_GRID * E_GRID, 2)}
+
+
+def _pixel_centres(size: int, like: Tensor) -> Tensor:
+    """Pixel centres ``(size,)`` in pixels from the image centre: ``-size/2 + 0.5 ... size/2 - 0.5``."""
+    return torch.arange(size, device=like.device, dtype=like.dtype) + (0.5 - size / 2)
+
+
+def similarity_grid(angle: Tensor, scale: Tensor, shift: Tensor, size: int) -> Tensor:
+    """Grid that shows the 28x28 input turned by ``angle``, scaled by ``scale`` and moved by ``shift``.
+
+    Args:
+        angle: ``(N,)`` radians, positive clockwise as displayed.
+        scale: ``(N,)`` factor about the image centre.
+        shift: ``(N, 2)`` xy pixels of the output; the digit centre lands ``shift`` from the output centre.
+        size: output side in pixels (28, or 42 for the rts canvas).
+
+    Returns:
+        ``(N, size, size, 2)`` sampling grid for ``F.grid_sample(..., align_corners=False)``.
+        Built elementwise (no matmul), so its values do not depend on batch size or threads.
+    """
+    x = _pixel_centres(size, angle)[None, None, :] - shift[:, 0, None, None]
+    y = _pixel_centres(size, angle)[None, :, None] - shift[:, 1, None, None]
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    per_unit = scale[:, None, None] * _PIXELS_PER_UNIT
+    # input position = R(angle)^T (output position - shift) / scale, in the input's normalised units
+    return torch.stack([(cos * x + sin * y) / per_unit, (cos * y - sin * x) / per_unit], dim=-1)
+
+
+def _homography(source: Tensor, target: Tensor) -> Tensor:
+    """Homographies ``(N, 3, 3)`` (last entry 1) mapping 4 ``source`` points ``(N, 4, 2)`` onto ``target``."""
+    x, y = source.unbind(-1)
+    u, v = target.unbind(-1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)
+    system = torch.cat([rows_u, rows_v], dim=1)
+    coefficients = torch.linalg.solve(system, torch.cat([u, v], dim=1))
+    return torch.cat([coefficients, one[:, :1]], dim=1).view(-1, 3, 3)
+
+
+def projective_grid(scale: Tensor, corner_shift: Tensor) -> Tensor:
+    """Grid of the homography that takes the image corners to ``scale * corner + corner_shift``.
+
+    Args:
+        scale: ``(N,)`` factor about the image centre.
+        corner_shift: ``(N, 4, 2)`` xy pixels added to the scaled corners (top-left, top-right,
+            bottom-left, bottom-right).
+
+    Returns:
+        ``(N, 28, 28, 2)`` sampling grid for ``F.grid_sample(..., align_corners=False)``.
+    """
+    corners = torch.tensor(_CORNERS, device=scale.device, dtype=scale.dtype).expand(scale.shape[0], -1, -1)
+    moved = scale[:, None, None] * corners + corner_shift / _PIXELS_PER_UNIT
+    h = _homography(moved, corners)[:, :, :, None, None]  # output -> input, (N, 3, 3, 1, 1)
+    x = (_pixel_centres(INPUT_SIZE, scale) / _PIXELS_PER_UNIT)[None, :]
+    y = x.T
+    depth = h[:, 2, 0] * x + h[:, 2, 1] * y + h[:, 2, 2]
+    grid_x = (h[:, 0, 0] * x + h[:, 0, 1] * y + h[:, 0, 2]) / depth
+    grid_y = (h[:, 1, 0] * x + h[:, 1, 1] * y + h[:, 1, 2]) / depth
+    return torch.stack([grid_x, grid_y], dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _elastic_generator(device: torch.device) -> TPSGridGen:
+    return TPSGridGen(grid_points(E_GRID, E_GRID), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False).to(device)
+
+
+def elastic_grid(scale: Tensor, point_shift: Tensor) -> Tensor:
+    """Grid of the thin-plate spline through a 4x4 grid of points, scaled and then moved.
+
+    Output grid point ``c`` reads the input at ``(c - point_shift / 14) / scale`` (normalised units): the
+    image scaled by ``scale`` with the content at each grid point moved by ``point_shift`` pixels.
+    One :class:`stn.tps.TPSGridGen` matmul for the whole batch.
+
+    Args:
+        scale: ``(N,)`` factor about the image centre.
+        point_shift: ``(N, 16, 2)`` xy pixels, grid points row-major (x fastest).
+
+    Returns:
+        ``(N, 28, 28, 2)`` sampling grid for ``F.grid_sample(..., align_corners=False)``.
+    """
+    generator = _elastic_generator(scale.device)
+    target = generator.target_points.to(scale.dtype)
+    source = (target - point_shift / _PIXELS_PER_UNIT) / scale[:, None, None]
+    return generator(source)
+
+
+def warp(images: Tensor, name: str, params: dict[str, Tensor]) -> Tensor:
+    """Apply distortion ``name`` with ``params`` (from :func:`sample_params`) to a batch.
+
+    Args:
+        images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1].
+
+    Returns:
+        ``(N, C, H, W)`` float in [0, 1] (float32 for uint8 input), ``(H, W)`` = :func:`output_size`.
+    """
+    check_distortion(name)
+    images = to_float(images, images.dtype if images.is_floating_point() else torch.float32)
+    if name == "none":
+        return images
+    if name in ("r", "rts"):
+        angle = params["angle"]
+        scale = params.get("scale", torch.ones_like(angle))
+        shift = params.get("shift", angle.new_zeros(angle.shape[0], 2))
+        grid = similarity_grid(angle, scale, shift, output_size(name)[0])
+    elif name == "p":
+        grid = projective_grid(params["scale"], params["corner_shift"])
+    else:
+        grid = elastic_grid(params["scale"], params["point_shift"])
+    warped = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.clamp_(0.0, 1.0)
+
+
+def distort(images: Tensor, name: str, generator: torch.Generator) -> Tensor:
+    """Distort a batch with fresh random parameters from ``generator``.
+
+    Args:
+        images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1], on ``generator.device``.
+        name: one of :data:`DISTORTIONS`.
+        generator: drives every random choice; it advances by one draw per parameter tensor.
+
+    Returns:
+        ``(N, C, H, W)`` float in [0, 1], ``(H, W)`` = :func:`output_size` (42x42 for rts, else 28x28).
+    """
+    if images.device.type != generator.device.type:
+        raise ValueError(
+            f"The images are on {images.device} but the generator is on {generator.device}; draw distortions "
+            "on the images' device: torch.Generator(device=images.device).manual_seed(seed)."
+        )
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    return warp(images, name, sample_params(name, images.shape[0], generator, dtype))
+
+
+def distort_dataset(images: Tensor, name: str, seed: int) -> Tensor:
+    """Distort a whole image set once, the same way on every machine, for any thread count.
+
+    Block ``k`` of :data:`EVAL_BLOCK` images is distorted with a CPU generator seeded from
+    ``(seed, k)``; the maths runs in float64 and the result is rounded to float32.
+
+    Args:
+        images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1].
+        seed: non-negative integer.
+
+    Returns:
+        ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
+    """
+    blocks = []
+    for index, start in enumerate(range(0, images.shape[0], EVAL_BLOCK)):
+        generator = torch.Generator().manual_seed(generator_seed(seed, index))
+        block = to_float(images[start : start + EVAL_BLOCK].cpu(), torch.float64)
+        blocks.append(distort(block, name, generator).float())
+    if not blocks:
+        return torch.empty(0, images.shape[1], *output_size(name))
+    return torch.cat(blocks)
