@@ -1,0 +1,74 @@
+"""scripts/table.py on hand-made job folders: grouping, mean ± std, failed and missing jobs."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stn.results import collect_runs, results_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_job(folder: Path, transform: str, distortion: str, seed: int, error: float | None, extra=()) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "model": {"transform": transform}, "data": {"distortion": distortion}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    overrides = [f"data.distortion={distortion}", f"seed={seed}", *extra]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if error is not None:
+        (folder / "metrics.json").write_text(json.dumps({"metrics": {"test/error": error, "test/acc": 1 - error / 100}}))
+
+
+def table_row(table: str, label: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in\n{table}")
+
+
+def test_mean_std_and_counts(tmp_path):
+    make_job(tmp_path / "0", "tps", "rts", 1, 0.6)
+    make_job(tmp_path / "1", "tps", "rts", 2, 0.9)
+    make_job(tmp_path / "2", "none", "rts", 1, 1.5)
+    table = results_table(collect_runs(tmp_path))
+    expected = f"{statistics.fmean([0.6, 0.9]):.2f} ± {statistics.stdev([0.6, 0.9]):.2f} (n=2)"
+    assert table_row(table, "ST-CNN TPS (ours)") == ["no run", expected, "no run", "no run"]
+    assert table_row(table, "ST-CNN TPS (paper)") == ["0.7", "0.5", "0.8", "1.1"]
+    assert table_row(table, "CNN (ours)") == ["no run", "1.50 ± 0.00 (n=1)", "no run", "no run"]
+    assert table_row(table, "CNN (paper)") == ["1.2", "0.8", "1.5", "1.4"]
+
+
+def test_failed_jobs_are_marked(tmp_path):
+    make_job(tmp_path / "0", "affine", "p", 1, 0.8)
+    make_job(tmp_path / "1", "affine", "p", 2, None)
+    make_job(tmp_path / "2", "affine", "e", 1, None)
+    (tmp_path / "2" / "error.txt").write_text("Traceback ...\nValueError: loss is NaN\n")
+    table = results_table(collect_runs(tmp_path))
+    row = table_row(table, "ST-CNN Aff (ours)")
+    assert row[2] == "0.80 ± 0.00 (n=1), 1 failed"
+    assert row[3] == "failed (1 of 1)"
+    assert f"- {tmp_path / '1'}: no metrics.json" in table
+    assert f"- {tmp_path / '2'}: ValueError: loss is NaN" in table
+
+
+def test_other_overrides_make_their_own_rows(tmp_path):
+    make_job(tmp_path / "0", "tps", "rts", 1, 0.5, extra=["model.tps.rows=3"])
+    make_job(tmp_path / "1", "tps", "rts", 1, 0.7, extra=["model.tps.rows=5"])
+    table = results_table(collect_runs(tmp_path))
+    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=3)")[1] == "0.50 ± 0.00 (n=1)"
+    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=5)")[1] == "0.70 ± 0.00 (n=1)"
+
+
+def test_script_prints_table_and_rejects_empty_folder(tmp_path):
+    make_job(tmp_path / "sweep" / "0_seed=1", "tps", "r", 1, 0.4)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "table.py"), str(tmp_path / "sweep")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert table_row(done.stdout, "ST-CNN TPS (ours)")[0] == "0.40 ± 0.00 (n=1)"
+    with pytest.raises(FileNotFoundError, match="No Hydra job folders"):
+        collect_runs(tmp_path / "sweep" / "0_seed=1" / ".hydra")
