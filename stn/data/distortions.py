@@ -13,7 +13,8 @@ name       what happens to the 28x28 digit                                      
 ``rts``    rotated by U(-45°, 45°), scaled by U(0.7, 1.2), placed uniformly at random on  42x42
            a 42x42 canvas (the scaled 28x28 frame stays inside the canvas)
 ``p``      scaled by U(0.75, 1.0), then each of its 4 corners moved by N(0, 5 px) in x     28x28
-           and y; the projective map (homography) through the 4 corner pairs
+           and y; the projective map (homography) through the 4 corner pairs. Corner
+           draws that fold the quadrilateral (about 1.3 %) are drawn again
 ``e``      scaled by U(0.75, 1.0), then each of the 16 points of a 4x4 grid over the      28x28
            image moved by N(0, 1.5 px) in x and y; the thin-plate spline through them
 =========  ==============================================================================  ========
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stn.tps import TPSGridGen, grid_points
+from stn.tps import TPSGridGen
 
 __all__ = [
     "DISTORTIONS",
@@ -106,6 +107,19 @@ def generator_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1, np.uint64)[0])
 
 
+def _folded(scale: Tensor, corner_shift: Tensor) -> Tensor:
+    """``(N,)`` True where the moved corners of ``p`` do not form a convex quadrilateral.
+
+    A homography through a folded (non-convex or self-crossing) quadrilateral is no view of the image:
+    it mirrors part of it and sends the rest to infinity, leaving an empty or shattered digit.
+    """
+    corners = torch.tensor(_CORNERS, device=scale.device, dtype=scale.dtype)[[0, 1, 3, 2]]  # walk around
+    quad = scale[:, None, None] * corners + corner_shift[:, [0, 1, 3, 2]] / _PIXELS_PER_UNIT
+    edges = quad.roll(-1, dims=1) - quad
+    turns = edges[:, :, 0] * edges.roll(-1, dims=1)[:, :, 1] - edges[:, :, 1] * edges.roll(-1, dims=1)[:, :, 0]
+    return ~((turns > 0).all(dim=1) | (turns < 0).all(dim=1))
+
+
 def sample_params(name: str, count: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Draw the random parameters of distortion ``name`` for ``count`` images.
 
@@ -136,7 +150,12 @@ def sample_params(name: str, count: int, generator: torch.Generator, dtype: torc
         return {"angle": angle, "scale": scale, "shift": uniform(-1.0, 1.0, 2) * room[:, None]}
     if name == "p":
         scale = uniform(*P_SCALE)
-        return {"scale": scale, "corner_shift": normal(P_CORNER_STD, 4, 2)}
+        corner_shift = normal(P_CORNER_STD, 4, 2)
+        folded = _folded(scale, corner_shift)
+        while bool(folded.any()):
+            corner_shift = torch.where(folded[:, None, None], normal(P_CORNER_STD, 4, 2), corner_shift)
+            folded = _folded(scale, corner_shift)
+        return {"scale": scale, "corner_shift": corner_shift}
     scale = uniform(*E_SCALE)
     return {"scale": scale, "point_shift": normal(E_POINT_STD, E_GRID * E_GRID, 2)}
 
@@ -201,9 +220,16 @@ def projective_grid(scale: Tensor, corner_shift: Tensor) -> Tensor:
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
+def _elastic_points() -> Tensor:
+    """The 4x4 grid over the whole image, ``(16, 2)`` float64, row-major (x fastest) as ``grid_points``."""
+    ticks = torch.linspace(-1.0, 1.0, E_GRID, dtype=torch.float64)
+    y, x = torch.meshgrid(ticks, ticks, indexing="ij")
+    return torch.stack([x, y], dim=-1).reshape(-1, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def _elastic_generator(device: torch.device) -> TPSGridGen:
-    return TPSGridGen(grid_points(E_GRID, E_GRID), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False).to(device)
+    return TPSGridGen(_elastic_points(), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False).to(device)
 
 
 def elastic_grid(scale: Tensor, point_shift: Tensor) -> Tensor:
@@ -221,7 +247,7 @@ def elastic_grid(scale: Tensor, point_shift: Tensor) -> Tensor:
         ``(N, 28, 28, 2)`` sampling grid for ``F.grid_sample(..., align_corners=False)``.
     """
     generator = _elastic_generator(scale.device)
-    target = generator.target_points.to(scale.dtype)
+    target = _elastic_points().to(device=scale.device, dtype=scale.dtype)
     source = (target - point_shift / _PIXELS_PER_UNIT) / scale[:, None, None]
     return generator(source)
 
