@@ -1,17 +1,21 @@
 """Benchmarks that print tables of timings and ratios against named peers.
 
     python scripts/bench.py tps     # TPS warp: stn vs kornia vs a per-call-solve generator vs bare grid_sample
+    python scripts/bench.py data    # distorted-MNIST training images/s per distortion (dataloader + distortion)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
+from stn.data import DISTORTIONS, MNISTDataModule
 from stn.tps import TPSGridGen, grid_points
 
 TPS_SHAPES = [(64, 1, 28, 28, 16), (64, 1, 42, 42, 16), (32, 3, 224, 224, 25), (128, 3, 32, 100, 20)]
@@ -123,12 +127,46 @@ def bench_tps(args: argparse.Namespace) -> None:
         print(f"| {','.join(map(str, shape))} | {error['stn']:.1e} | {error['kornia']:.1e} | {error['per-call solve']:.1e} |")
 
 
+def bench_data(args: argparse.Namespace) -> None:
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; batch {args.batch_size}, num_workers=0; "
+        f"median of {args.repeats} runs of {args.batches} batches; goal >= 20,000 images/s\n"
+    )
+    print("| distortion | image size | training images/s | ms per batch |")
+    print("|---|---|---|---|")
+    for name in DISTORTIONS:
+        datamodule = MNISTDataModule(root=args.root, distortion=name, batch_size=args.batch_size)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        generator = datamodule.training_generator(epoch=0)
+
+        def images_per_second(batches: int) -> float:
+            """``train_dataloader()`` plus the distortion that ``on_after_batch_transfer`` applies."""
+            start, count = time.perf_counter(), 0
+            for index, (images, _) in enumerate(datamodule.train_dataloader()):
+                if index == batches:
+                    break
+                count += datamodule.distort(images, generator).shape[0]
+            return count / (time.perf_counter() - start)
+
+        images_per_second(5)
+        rate = statistics.median(images_per_second(args.batches) for _ in range(args.repeats))
+        height, width = datamodule.image_size
+        print(f"| {name} | {height}x{width} | {rate:,.0f} | {1e3 * args.batch_size / rate:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     tps = commands.add_parser("tps", help="TPS warp speed against kornia, a per-call-solve generator and grid_sample")
     tps.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per cell")
     tps.set_defaults(run=bench_tps)
+    data = commands.add_parser("data", help="distorted-MNIST training images/s per distortion: dataloader + distortion, num_workers=0")
+    data.add_argument("--root", default=None, help="MNIST data root (default: $STN_DATA_DIR, else data/ in the repo)")
+    data.add_argument("--batch-size", type=int, default=128)
+    data.add_argument("--batches", type=int, default=100, help="batches per timed run")
+    data.add_argument("--repeats", type=int, default=3, help="timed runs per distortion (the median is shown)")
+    data.set_defaults(run=bench_data)
     args = parser.parse_args()
     args.run(args)
 

@@ -18,9 +18,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
-from PIL import Image
 from torchvision.datasets import MNIST
 
 from stn.data import MNISTDataModule, MNISTFilesError
@@ -30,7 +30,7 @@ from stn.data.mnist_files import MNIST_FILES, REPO_ROOT
 DATA_DIR = os.environ.get("STN_DATA_DIR", "")
 needs_mnist = pytest.mark.skipif(
     not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
-    reason="real-MNIST test: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte (e.g. /work/shared/data)",
+    reason="real-MNIST test: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte (e.g. ../shared/data)",
 )
 
 
@@ -521,7 +521,7 @@ def test_preview_script_writes_the_png_of_what_the_model_sees(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.suffix == ".png" and (tmp_path / "outputs") in path.parents
-    picture = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    picture = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     panel = 4 * (42 + 2) + 2
     assert tuple(picture.shape) == (3, panel, 2 * panel + 8)
     datamodule = MNISTDataModule(root=data, distortion="rts", val_size=50)

@@ -102,7 +102,8 @@ def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def generator_seed(*keys: int) -> int:
     """A 64-bit seed mixed from non-negative integer ``keys``, e.g. ``(tag, seed, epoch, rank)``.
 
-    Key tuples of the same length that differ anywhere give unrelated seeds (numpy's SeedSequence).
+    Distinct key tuples give unrelated seeds (numpy's SeedSequence hash); give every random stream
+    its own leading tag key.
     """
     return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1, np.uint64)[0])
 

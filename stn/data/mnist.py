@@ -13,6 +13,7 @@ and every model is scored on identical images.
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -79,9 +80,9 @@ class EpochRandomSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
-def _check_count(name: str, value: int, minimum: int, meaning: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"data.{name} must be an integer >= {minimum} ({meaning}), got {value!r}. Set e.g. data.{name}={minimum}.")
+def _check_count(name: str, value: int, minimum: int, meaning: str, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"data.{name} must be an integer >= {minimum} ({meaning}), got {value!r}. Set e.g. data.{name}={example}.")
     return int(value)
 
 
@@ -122,11 +123,11 @@ class MNISTDataModule(LightningDataModule):
         super().__init__()
         self.root = resolve_root(root)
         self.distortion = check_distortion(distortion)
-        self.batch_size = _check_count("batch_size", batch_size, 1, "images per batch")
-        self.num_workers = _check_count("num_workers", num_workers, 0, "DataLoader worker processes")
-        self.val_size = _check_count("val_size", val_size, 1, "training images held out for validation")
-        self.seed = _check_count("seed", seed, 0, "the seed of shuffling and training distortions")
-        self.eval_seed = _check_count("eval_seed", eval_seed, 0, "the seed of the validation split and eval distortions")
+        self.batch_size = _check_count("batch_size", batch_size, 1, "images per batch", 128)
+        self.num_workers = _check_count("num_workers", num_workers, 0, "DataLoader worker processes", 0)
+        self.val_size = _check_count("val_size", val_size, 1, "training images held out for validation", 5000)
+        self.seed = _check_count("seed", seed, 0, "the seed of shuffling and training distortions", 0)
+        self.eval_seed = _check_count("eval_seed", eval_seed, 0, "the seed of the validation split and eval distortions", 0)
         self.pin_memory = bool(pin_memory)
         self.train_set: TensorPairs | None = None
         self.val_set: TensorPairs | None = None
