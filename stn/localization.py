@@ -1,0 +1,241 @@
+"""Localization network: a torchvision backbone plus a small head that predicts transform parameters.
+
+The network sees the image in ``[0, 1]``; it repeats one channel to three, optionally resizes the
+image to its own view size, normalises with the mean/std of its weights (ImageNet when the weights
+carry none), runs the backbone with its classifier head removed, and maps the features through a
+small head to the transform parameters. The head starts at the identity transform: its last layer
+has zero weights and its bias holds the identity parameters (their ``atanh`` when bounded), so an
+untrained network predicts exactly ``initial`` for every image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["LocalizationNet", "build_backbone"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_NAMES = ("fc", "classifier", "heads", "head")
+PROBE_SIZE = 224
+
+
+def _backbone_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _check_backbone_name(name: str) -> None:
+    names = _backbone_names()
+    if name not in names:
+        raise ValueError(
+            f"Unknown backbone {name!r} for the localization network. Set model.loc_net.backbone to "
+            f"one of torchvision's classification models: {', '.join(names)}."
+        )
+
+
+def _head_name(model: nn.Module, backbone: str) -> str:
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ValueError(
+        f"Cannot find the classifier head of backbone {backbone!r}: it has none of the attributes "
+        f"{HEAD_NAMES}. Choose another model.loc_net.backbone (e.g. resnet18)."
+    )
+
+
+def _hub_checkpoint_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _enum_weights(backbone: str, name: str) -> torchvision.models.WeightsEnum:
+    enum = torchvision.models.get_model_weights(backbone)
+    choices = ["DEFAULT", *enum.__members__]
+    if name not in choices:
+        raise ValueError(
+            f"Unknown weights {name!r} for backbone {backbone!r}. Set model.loc_net.weights to one of "
+            f"{', '.join(dict.fromkeys(choices))}, a path to a local .pth state_dict, or null for random "
+            "initialisation."
+        )
+    return enum[name]
+
+
+def _is_path(weights: str) -> bool:
+    return weights.endswith((".pth", ".pt")) or os.sep in weights or Path(weights).is_file()
+
+
+def _load_state_dict(model: nn.Module, state: dict[str, Tensor], head: str, source: str) -> None:
+    """Load ``state`` into ``model`` (whose head is already removed), ignoring the file's head keys."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights from {source} do not fit this backbone: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}. Pass a state_dict saved from the same torchvision "
+            "model as model.loc_net.backbone (torch.save(model.state_dict(), path))."
+        )
+
+
+def build_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple, tuple, bool]:
+    """A torchvision classification model with its head replaced by ``nn.Identity``.
+
+    Args:
+        backbone: a torchvision model name, e.g. ``"resnet18"``.
+        weights: ``"DEFAULT"``, an enum name such as ``"IMAGENET1K_V1"``, a path to a local
+            ``.pth`` state_dict, or ``None`` for random initialisation.
+
+    Returns:
+        ``(model, mean, std, pretrained)``: the headless model, the normalisation its weights
+        expect, and whether pretrained weights were actually loaded.
+    """
+    _check_backbone_name(backbone)
+    model = torchvision.models.get_model(backbone, weights=None)
+    head = _head_name(model, backbone)
+    setattr(model, head, nn.Identity())
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if weights is None:
+        return model, mean, std, False
+    weights = str(weights)
+    if _is_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.loc_net.weights points to {path}, which does not exist. Give the path of a "
+                "state_dict saved with torch.save(model.state_dict(), path), an enum name such as "
+                "DEFAULT, or null for random initialisation."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _load_state_dict(model, state, head, str(path))
+        return model, mean, std, True
+    enum_weights = _enum_weights(backbone, weights)
+    preset = enum_weights.transforms()
+    mean, std = tuple(getattr(preset, "mean", mean)), tuple(getattr(preset, "std", std))
+    try:
+        state = enum_weights.get_state_dict(progress=False, weights_only=True)
+    except (OSError, RuntimeError) as error:
+        cache = _hub_checkpoint_path(enum_weights.url)
+        message = (
+            f"PRETRAINED WEIGHTS NOT LOADED: could not get {enum_weights} for backbone {backbone!r} "
+            f"({type(error).__name__}: {error}). The localization network uses RANDOM initialisation "
+            f"instead, and the run records pretrained=false. To use the pretrained weights, download "
+            f"{enum_weights.url} and either set model.loc_net.weights=/path/to/{cache.name} or put "
+            f"the file at {cache} (the torch hub cache, {cache.parent}; set TORCH_HOME to move it). "
+            "Set model.loc_net.weights=null to ask for random initialisation without this warning."
+        )
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+        return model, mean, std, False
+    _load_state_dict(model, state, head, str(enum_weights))
+    return model, mean, std, True
+
+
+class LocalizationNet(nn.Module):
+    """Backbone + head predicting transform parameters, initialised to the identity.
+
+    Args:
+        initial: identity parameters, any shape ``S`` (e.g. ``(T, 2)`` target points or a
+            ``(2, 3)`` affine matrix); the network predicts ``(N, *S)``.
+        backbone: torchvision classification model name.
+        weights: ``"DEFAULT"``, an enum name, a local ``.pth`` path, or ``None`` (random init).
+        input_size: ``(H, W)`` the image is resized to before the backbone (``None``: as is).
+        freeze_backbone: keep the backbone fixed (no gradients, batch-norm statistics frozen).
+        bounded: squash outputs with ``tanh`` into ``(-1, 1)``.
+        hidden: width of the head's hidden layer (0: a single linear layer).
+        lr_mult: learning-rate multiplier of the whole network relative to the base rate.
+        backbone_lr_mult: extra learning-rate multiplier of the backbone (on top of ``lr_mult``).
+    """
+
+    def __init__(
+        self,
+        initial: Tensor,
+        backbone: str = "resnet18",
+        weights: str | None = "DEFAULT",
+        input_size: tuple[int, int] | int | None = None,
+        freeze_backbone: bool = False,
+        bounded: bool = False,
+        hidden: int = 64,
+        lr_mult: float = 1.0,
+        backbone_lr_mult: float = 1.0,
+    ):
+        super().__init__()
+        initial = torch.as_tensor(initial, dtype=torch.float32)
+        if bounded and not bool((initial.abs() < 1).all()):
+            raise ValueError(
+                "model.loc_net.bounded=true squashes outputs into (-1, 1), but the identity "
+                f"parameters reach {float(initial.abs().max()):.3g}, so the identity cannot be "
+                "represented. For TPS set model.tps.margin > 0 (e.g. 0.1); for the affine transform "
+                "set model.loc_net.bounded=false."
+            )
+        self.output_shape = tuple(initial.shape)
+        self.input_size = None if input_size is None else _pair(input_size)
+        self.freeze_backbone = bool(freeze_backbone)
+        self.bounded = bool(bounded)
+        self.lr_mult = float(lr_mult)
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.backbone, mean, std, self.pretrained = build_backbone(backbone, weights)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        features = self._feature_size()
+        last = nn.Linear(hidden if hidden else features, initial.numel())
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.atanh(initial).flatten() if self.bounded else initial.flatten())
+        self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), last) if hidden else last
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def _feature_size(self) -> int:
+        size = self.input_size or (PROBE_SIZE, PROBE_SIZE)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            features = self.backbone(torch.zeros(1, 3, *size))
+        self.backbone.train(was_training)
+        return features.flatten(1).shape[1]
+
+    def train(self, mode: bool = True) -> LocalizationNet:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, images: Tensor) -> Tensor:
+        """Backbone features ``(N, F)`` for images ``(N, C, H, W)`` in ``[0, 1]``, C in {1, 3}."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"The localization network takes images (N, 1 or 3, H, W), got {tuple(images.shape)}."
+            )
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        return self.backbone((images - self.mean) / self.std).flatten(1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Transform parameters ``(N, *initial.shape)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
+        params = self.head(self.features(images))
+        if self.bounded:
+            params = torch.tanh(params)
+        return params.view(-1, *self.output_shape)
+
+
+def _pair(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+        raise ValueError(
+            f"model.loc_net.input_size must be an int or (H, W) of positive ints, got {size!r}."
+        )
+    return int(size[0]), int(size[1])

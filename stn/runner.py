@@ -1,0 +1,246 @@
+"""What the scripts do: train, evaluate and warp from a Hydra config.
+
+The only module of the package that knows about Hydra/OmegaConf. Trainer, callbacks and logger are
+plain values in the config (``configs/trainer``, ``configs/callbacks``, ``configs/logger``) and are
+built here; every ``_target_`` in the configs names a class of ``stn``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichModelSummary,
+    RichProgressBar,
+)
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.utils import save_image
+
+from stn.module import STNClassifier
+
+__all__ = ["train", "evaluate", "warp", "build_callbacks", "build_logger"]
+
+log = logging.getLogger(__name__)
+
+CALLBACKS = {
+    "model_checkpoint": ModelCheckpoint,
+    "early_stopping": EarlyStopping,
+    "lr_monitor": LearningRateMonitor,
+    "rich_progress_bar": RichProgressBar,
+    "rich_model_summary": RichModelSummary,
+}
+LOGGERS = {"tensorboard": TensorBoardLogger, "csv": CSVLogger}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def build_callbacks(config: DictConfig | None) -> list[Callback]:
+    """Lightning callbacks from ``{name: keyword arguments or null}``; see :data:`CALLBACKS`."""
+    callbacks = []
+    for name, kwargs in (config or {}).items():
+        if kwargs is None:
+            continue
+        if name not in CALLBACKS:
+            raise ValueError(f"Unknown callback {name!r} in callbacks. Known callbacks: {', '.join(CALLBACKS)}.")
+        callbacks.append(CALLBACKS[name](**OmegaConf.to_container(kwargs, resolve=True)))
+    return callbacks
+
+
+def build_logger(config: DictConfig | None) -> list[Logger] | bool:
+    """Lightning loggers from ``{name: keyword arguments or null}``; ``False`` when there are none."""
+    loggers = []
+    for name, kwargs in (config or {}).items():
+        if kwargs is None:
+            continue
+        if name not in LOGGERS:
+            raise ValueError(f"Unknown logger {name!r} in logger. Known loggers: {', '.join(LOGGERS)}.")
+        loggers.append(LOGGERS[name](**OmegaConf.to_container(kwargs, resolve=True)))
+    return loggers or False
+
+
+class RunInfo(Callback):
+    """Stores the run's resolved config and image size in every checkpoint (for eval and warp)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["run"] = {"config": self.config, "image_size": list(trainer.datamodule.image_size)}
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def _log_hparams(trainer: L.Trainer, config: dict, pretrained: bool, metrics: dict[str, float]) -> None:
+    """The HPARAMS tab: the flattened config and ``pretrained`` against the final metrics.
+
+    The metrics are already scalars of the run, so only the hparams summaries are written.
+    """
+    tensorboard = _tensorboard(trainer)
+    if tensorboard is None or not metrics:
+        return
+    writer = tensorboard.experiment._get_file_writer()
+    for summary in hparams({**_flatten(config), "pretrained": pretrained}, metrics):
+        writer.add_summary(summary)
+    writer.flush()
+
+
+def _finish(trainer: L.Trainer, config: dict, run_dir: str, metrics: dict[str, float], extra: dict) -> dict:
+    """Write ``metrics.json`` into the run folder and the hyperparameters + metrics to TensorBoard."""
+    summary = {"metrics": metrics, "config": config, **extra}
+    run_dir = Path(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    _log_hparams(trainer, config, extra["pretrained"], metrics)
+    log.info("Metrics: %s", json.dumps(metrics))
+    print(f"Run folder: {run_dir}")
+    return summary
+
+
+def _scalars(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Seed, build, fit, test the best checkpoint; write ``metrics.json``. Returns its content."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model: STNClassifier = instantiate(cfg.model)
+    callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg))]
+    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=build_logger(cfg.get("logger")))
+    metrics: dict[str, float] = {}
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics.update(_scalars(trainer, "val/"))
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.test:
+        ckpt = best or (None if cfg.train else cfg.ckpt_path)
+        if cfg.train and not best:
+            log.warning("No best checkpoint was saved (checkpointing off?): testing the final weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+        metrics.update(_scalars(trainer, "test/"))
+    extra = {
+        "pretrained": model.pretrained,
+        "best_checkpoint": best or None,
+        "last_checkpoint": _last_checkpoint(trainer),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    return _finish(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    return (callback.last_model_path or None) if callback else None
+
+
+def _run_info(ckpt_path: str) -> dict:
+    """The ``run`` entry :class:`RunInfo` stored in a checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist. Pass a checkpoint of a training run, e.g. "
+            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "run" not in checkpoint:
+        raise ValueError(
+            f"{ckpt_path} holds no run information (config, image size): it was not written by "
+            "scripts/train.py. Re-create it with scripts/train.py."
+        )
+    return checkpoint["run"]
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Test a checkpoint on ``cfg.data`` (its training distortion unless overridden).
+
+    The ``config`` of ``metrics.json`` is the training config (model, seed, ...) with this run's
+    keys (data, trainer, paths, ckpt_path, ...) on top.
+    """
+    start = time.perf_counter()
+    run = _run_info(cfg.ckpt_path)
+    if cfg.data.distortion is None:
+        cfg.data.distortion = run["config"]["data"]["distortion"]
+    model = STNClassifier.from_checkpoint(cfg.ckpt_path)
+    datamodule = instantiate(cfg.data)
+    trainer = L.Trainer(**cfg.trainer, callbacks=build_callbacks(cfg.get("callbacks")),
+                        logger=build_logger(cfg.get("logger")))
+    trainer.test(model, datamodule=datamodule)
+    extra = {
+        "pretrained": model.pretrained,
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    config = {**run["config"], **_resolved(cfg)}
+    return _finish(trainer, config, cfg.paths.output_dir, _scalars(trainer, "test/"), extra)
+
+
+def _image_files(source: Path) -> list[Path]:
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not files or not all(p.is_file() for p in files):
+        raise FileNotFoundError(
+            f"input={source} is neither an image file nor a folder holding {', '.join(IMAGE_SUFFIXES)} "
+            "files. Pass input=<image file or folder>."
+        )
+    return files
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int], invert: bool = False) -> torch.Tensor:
+    """An image file as the model sees it: float ``(channels, H, W)`` in [0, 1] at ``size``."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    image = decode_image(str(path), mode=mode).float() / 255
+    if invert:
+        image = 1 - image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def warp(cfg: DictConfig) -> list[Path]:
+    """Write ``<name>_before.png`` / ``<name>_after.png`` for every input image; return the paths."""
+    run = _run_info(cfg.ckpt_path)
+    model = STNClassifier.from_checkpoint(cfg.ckpt_path).eval()
+    size = tuple(run["image_size"])
+    files = _image_files(Path(cfg.input))
+    images = torch.stack([load_image(p, model.hparams.in_channels, size, cfg.invert) for p in files])
+    with torch.no_grad():
+        warped = model.transformer(images)
+        predictions = model.classifier(warped).argmax(1).tolist()
+    out_dir = Path(cfg.paths.output_dir)
+    written = []
+    for path, before, after, label in zip(files, images, warped, predictions):
+        for name, image in ((f"{path.stem}_before.png", before), (f"{path.stem}_after.png", after)):
+            save_image(image.clamp(0, 1), out_dir / name)
+            written.append(out_dir / name)
+        print(f"{path}: predicted class {label}")
+    print(f"Run folder: {out_dir}")
+    return written

@@ -1,0 +1,294 @@
+"""Model unit tests: loc-net weights and identity start, transformer, classifier, LightningModule, viz.
+
+Expected values come from independent computations: ``F.affine_grid`` identity grids, the public
+``stn.tps.tps_warp`` (which solves the TPS system per call), hand-written affine maps, state_dicts
+the tests save themselves, and torchvision's own file naming for the hub cache.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models import ResNet18_Weights
+
+from stn.classifier import CNNClassifier
+from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
+from stn.module import STNClassifier
+from stn.tps import bending_energy, grid_points, tps_warp
+from stn.transformer import SpatialTransformer
+from stn.viz import draw_mesh, draw_points, image_grid, to_pixels
+
+CHEAP = {"backbone": "resnet18", "weights": None, "input_size": 16}
+
+
+def images(n: int = 3, size: int = 42, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- identity start
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("transform", ["tps", "affine", "none"])
+def test_untrained_transformer_is_the_identity(transform, align_corners):
+    stn = SpatialTransformer(transform, loc_net=CHEAP, align_corners=align_corners)
+    x = images()
+    identity = F.affine_grid(torch.eye(2, 3).expand(3, 2, 3), [3, 1, 42, 42], align_corners=align_corners)
+    params = stn.localize(x)
+    torch.testing.assert_close(stn.grid(params, x), identity, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stn(x), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bounded, margin", [(False, 0.0), (True, 0.1)])
+def test_loc_net_head_starts_at_the_target_points(bounded, margin):
+    target = grid_points(4, 4, margin)
+    net = LocalizationNet(target, bounded=bounded, **CHEAP)
+    predicted = net(images(5))
+    assert predicted.shape == (5, 16, 2)
+    torch.testing.assert_close(predicted, target.expand(5, -1, -1), atol=1e-6, rtol=0)
+    assert not net.pretrained
+
+
+def test_untrained_model_logits_are_the_classifier_on_the_input():
+    model = STNClassifier("tps", loc_net=CHEAP).eval()
+    x = images()
+    torch.testing.assert_close(model(x), model.classifier(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bounded_identity_at_the_border_is_refused():
+    with pytest.raises(ValueError, match=r"model.tps.margin > 0"):
+        SpatialTransformer("tps", loc_net={**CHEAP, "bounded": True}, margin=0.0)
+
+
+def test_output_size_resamples_the_identity():
+    stn = SpatialTransformer("affine", loc_net=CHEAP, output_size=(28, 28))
+    x = images()
+    expected = F.grid_sample(
+        x, F.affine_grid(torch.eye(2, 3).expand(3, 2, 3), [3, 1, 28, 28], align_corners=False), align_corners=False
+    )
+    torch.testing.assert_close(stn(x), expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- transform maths
+
+
+def test_tps_warp_and_bending_loss_match_the_public_tps_functions():
+    torch.manual_seed(0)
+    model = STNClassifier("tps", loc_net=CHEAP, bending_weight=0.5)
+    head = model.transformer.loc_net.head[-1]
+    with torch.no_grad():
+        head.bias.add_(0.05 * torch.randn_like(head.bias))
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    points = model.transformer.localize(x)
+    target = model.transformer.target_points
+    warped = tps_warp(x, points, target, align_corners=False, padding_mode="zeros")
+    torch.testing.assert_close(model.transformer(x), warped, atol=1e-5, rtol=0)
+    model.eval()  # dropout off, so the two forward passes agree
+    loss = model.training_step((x, labels), 0)
+    expected = F.cross_entropy(model.classifier(warped), labels) + 0.5 * bending_energy(points, target).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_affine_control_points_are_the_layout_mapped_by_theta():
+    stn = SpatialTransformer("affine", loc_net=CHEAP, rows=3, cols=3)
+    theta = torch.tensor([[[0.8, -0.2, 0.1], [0.3, 1.1, -0.2]]])
+    points = stn.control_points(theta, 1)
+    layout = grid_points(3, 3)
+    expected = torch.stack([0.8 * layout[:, 0] - 0.2 * layout[:, 1] + 0.1,
+                            0.3 * layout[:, 0] + 1.1 * layout[:, 1] - 0.2], dim=-1)
+    torch.testing.assert_close(points[0], expected)
+    # the sampling grid reads those points at the layout's output positions (3x3 layout on a 3x3 output
+    # with align_corners=True puts the layout exactly on the pixel centres)
+    stn_ac = SpatialTransformer("affine", loc_net=CHEAP, rows=3, cols=3, align_corners=True, output_size=(3, 3))
+    grid = stn_ac.grid(theta, torch.zeros(1, 1, 9, 9))
+    torch.testing.assert_close(grid.reshape(1, 9, 2), stn_ac.control_points(theta, 1))
+
+
+def test_unknown_transform_is_refused():
+    with pytest.raises(ValueError, match=r"model.transform.*tps, affine, none"):
+        SpatialTransformer("projective")
+
+
+# ---------------------------------------------------------------- backbone weights
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown backbone 'resnet_18'.*resnet18.*shufflenet_v2_x0_5"):
+        LocalizationNet(grid_points(4, 4), backbone="resnet_18", weights=None)
+
+
+def test_unknown_weights_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown weights 'IMAGENET9K'.*DEFAULT.*IMAGENET1K_V1"):
+        LocalizationNet(grid_points(4, 4), backbone="resnet18", weights="IMAGENET9K")
+
+
+def _saved_resnet18(path):
+    torch.manual_seed(123)
+    source = torchvision.models.resnet18()
+    state = source.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def _assert_backbone_holds(net, state):
+    loaded = net.backbone.state_dict()
+    expected = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+def test_local_pth_weights_load(tmp_path):
+    state = _saved_resnet18(tmp_path / "resnet18_mine.pth")
+    net = LocalizationNet(grid_points(4, 4), backbone="resnet18", weights=str(tmp_path / "resnet18_mine.pth"))
+    _assert_backbone_holds(net, state)
+    assert net.pretrained
+
+
+def test_missing_local_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.loc_net.weights points to .*nothing.pth"):
+        LocalizationNet(grid_points(4, 4), backbone="resnet18", weights=str(tmp_path / "nothing.pth"))
+
+
+def test_enum_weights_load_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    state = _saved_resnet18(checkpoints / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url))
+    net = LocalizationNet(grid_points(4, 4), backbone="resnet18", weights="DEFAULT")
+    _assert_backbone_holds(net, state)
+    assert net.pretrained
+    preset = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    torch.testing.assert_close(net.mean.flatten(), torch.tensor(preset.mean))
+    torch.testing.assert_close(net.std.flatten(), torch.tensor(preset.std))
+
+
+def test_offline_without_cached_weights_warns_and_uses_random_init(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cache_file = tmp_path / "hub" / "checkpoints" / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url)
+    with pytest.warns(UserWarning, match=r"PRETRAINED WEIGHTS NOT LOADED.*RANDOM initialisation") as record:
+        net = LocalizationNet(grid_points(4, 4), backbone="resnet18", weights="DEFAULT")
+    message = str(record[0].message)
+    assert str(cache_file) in message and ResNet18_Weights.IMAGENET1K_V1.url in message
+    assert "model.loc_net.weights=" in message
+    assert "PRETRAINED WEIGHTS NOT LOADED" in caplog.text
+    assert not net.pretrained
+    assert not STNClassifier("tps", loc_net={"backbone": "resnet18", "weights": None}).pretrained
+    torch.testing.assert_close(net.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(net.std.flatten(), torch.tensor(IMAGENET_STD))
+
+
+def test_other_backbones_and_three_channel_input():
+    target = grid_points(3, 3)
+    for backbone in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
+        net = LocalizationNet(target, backbone=backbone, weights=None, input_size=32)
+        torch.testing.assert_close(net(torch.rand(2, 3, 40, 50)), target.expand(2, -1, -1))
+
+
+def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics():
+    model = STNClassifier("tps", loc_net={**CHEAP, "freeze_backbone": True})
+    model.train()
+    backbone = model.transformer.loc_net.backbone
+    assert not backbone.training and model.transformer.loc_net.head.training
+    names = [group["name"] for group in model.param_groups()]
+    assert names == ["classifier", "loc_head"]
+    assert all(not p.requires_grad for p in backbone.parameters())
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def test_parameter_groups_and_learning_rates():
+    model = STNClassifier(
+        "tps", loc_net={**CHEAP, "lr_mult": 0.1, "backbone_lr_mult": 0.5},
+        optimizer={"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
+    )
+    groups = {group["name"]: group for group in model.param_groups()}
+    assert groups["classifier"]["lr"] == pytest.approx(0.002)
+    assert groups["loc_head"]["lr"] == pytest.approx(0.0002)
+    assert groups["loc_backbone"]["lr"] == pytest.approx(0.0001)
+    assert groups["loc_head"]["weight_decay"] == 0.0
+    grouped = [id(p) for group in groups.values() for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+def test_bad_optimizer_and_scheduler_names_are_refused():
+    with pytest.raises(ValueError, match=r"model.optimizer.name.*adamw, adam, sgd"):
+        STNClassifier("none", optimizer={"name": "lamb", "lr": 0.1})
+    with pytest.raises(ValueError, match=r"model.scheduler.name.*onecycle, cosine, none"):
+        STNClassifier("none", scheduler={"name": "step"})
+    with pytest.raises(ValueError, match=r"model.optimizer.lr must be a positive number"):
+        STNClassifier("none", optimizer={"name": "adamw", "lr": -1})
+
+
+def test_nan_loss_names_the_cause_and_the_settings():
+    model = STNClassifier("none")
+    x = images(2)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"loss is nan.*model.loc_net.lr_mult.*model.optimizer.lr"):
+        model.training_step((x, torch.tensor([0, 1])), 0)
+
+
+# ---------------------------------------------------------------- classifier
+
+
+@pytest.mark.parametrize("size", [28, 42])
+def test_classifier_takes_any_input_size(size):
+    classifier = CNNClassifier(num_classes=10, width=8)
+    assert classifier(images(2, size)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- viz
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_to_pixels_maps_pixel_centres(align_corners):
+    size = (6, 10)
+    # the centre of pixel (row 2, col 7) in the grid_sample convention
+    if align_corners:
+        point = torch.tensor([7 / 9 * 2 - 1, 2 / 5 * 2 - 1])
+    else:
+        point = torch.tensor([(2 * 7 + 1) / 10 - 1, (2 * 2 + 1) / 6 - 1])
+    torch.testing.assert_close(to_pixels(point, size, align_corners), torch.tensor([7.0, 2.0]))
+    torch.testing.assert_close(to_pixels(point, size, align_corners, scale=4), torch.tensor([29.5, 9.5]))
+
+
+def test_draw_points_marks_the_point_position():
+    black = torch.zeros(1, 1, 8, 8)
+    point = torch.tensor([[[(2 * 5 + 1) / 8 - 1, (2 * 2 + 1) / 8 - 1]]])  # centre of pixel (row 2, col 5)
+    drawn = draw_points(black, point, align_corners=False, scale=4, color="red", radius=1)
+    assert drawn.shape == (1, 3, 32, 32) and drawn.dtype == torch.uint8
+    red = (drawn[0, 0] == 255) & (drawn[0, 1] == 0)
+    rows, cols = torch.nonzero(red, as_tuple=True)
+    assert rows.float().mean().item() == pytest.approx(4 * 2 + 1.5, abs=0.5)
+    assert cols.float().mean().item() == pytest.approx(4 * 5 + 1.5, abs=0.5)
+
+
+def test_draw_mesh_of_the_identity_draws_straight_lines_across_the_image():
+    black = torch.zeros(1, 1, 8, 8)
+    grid = F.affine_grid(torch.eye(2, 3)[None], [1, 1, 8, 8], align_corners=False)
+    drawn = draw_mesh(black, grid, align_corners=False, lines=2, scale=4)
+    lit = drawn[0].amax(0) > 0
+    # lines through the centres of the first and last pixel rows/columns: upscaled rows/cols 1.5 and 29.5
+    assert lit[1:3, 2:30].all(1).any() and lit[29:31, 2:30].all(1).any()
+    assert lit[2:30, 1:3].all(0).any() and lit[2:30, 29:31].all(0).any()
+    assert not lit[10:20, 10:20].any()
+
+
+def test_visualize_gives_the_four_tensorboard_images():
+    model = STNClassifier("tps", loc_net=CHEAP, num_log_images=4)
+    shown = model.visualize(images(4))
+    assert set(shown) == {"input", "warped", "control_points", "mesh"}
+    torch.testing.assert_close(shown["input"], image_grid(images(4)))
+    torch.testing.assert_close(shown["warped"], shown["input"], atol=1e-5, rtol=0)
+    assert shown["mesh"].shape == shown["control_points"].shape == (3, 4 * 42 + 4, 4 * 4 * 42 + 10)
