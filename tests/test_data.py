@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
@@ -361,6 +362,26 @@ def test_trainer_distorts_training_batches_afresh_each_epoch(tmp_path):
     # validation batches are the stored images, not distorted again
     assert len(model.val_batches) == 2
     assert all(torch.equal(seen, datamodule.val_set.images[:32]) for seen in model.val_batches)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_resuming_from_an_epoch_checkpoint_replays_the_same_batches(tmp_path):
+    write_fake_mnist(tmp_path)
+
+    def fit(model, checkpoints, ckpt_path=None):
+        trainer = L.Trainer(
+            max_epochs=3, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+            callbacks=[ModelCheckpoint(dirpath=checkpoints, save_top_k=-1)], enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        )
+        datamodule = MNISTDataModule(root=tmp_path, distortion="e", batch_size=32, val_size=50, seed=5)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        return [images for epoch, images in model.train_batches if epoch == 2]
+
+    uninterrupted = fit(Recorder(), checkpoints=tmp_path / "checkpoints")
+    resumed = fit(Recorder(), tmp_path / "checkpoints", ckpt_path=next((tmp_path / "checkpoints").glob("epoch=1-*.ckpt")))
+    assert len(resumed) == len(uninterrupted) == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted))
 
 
 # ---------------------------------------------------------------- real MNIST
