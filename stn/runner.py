@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,13 @@ def _log_hparams(trainer: L.Trainer, config: dict, pretrained: bool, metrics: di
 
 
 def _finish(trainer: L.Trainer, config: dict, run_dir: str, metrics: dict[str, float], extra: dict) -> dict:
-    """Write ``metrics.json`` into the run folder and the hyperparameters + metrics to TensorBoard."""
+    """Write ``metrics.json`` into the run folder and the hyperparameters + metrics to TensorBoard.
+
+    Only the global-zero process writes; under DDP the other ranks return the same summary.
+    """
     summary = {"metrics": metrics, "config": config, **extra}
+    if not trainer.is_global_zero:
+        return summary
     run_dir = Path(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     _log_hparams(trainer, config, extra["pretrained"], metrics)
@@ -131,7 +137,19 @@ def _scalars(trainer: L.Trainer, prefix: str) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Seed, build, fit, test the best checkpoint; write ``metrics.json``. Returns its content."""
+    """Seed, build, fit, test the best checkpoint; write ``metrics.json``. Returns its content.
+
+    A run that fails leaves its traceback in ``error.txt`` in the run folder (so a sweep's table
+    can say why) and raises on.
+    """
+    try:
+        return _train(cfg)
+    except Exception:
+        Path(cfg.paths.output_dir, "error.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -155,6 +173,7 @@ def train(cfg: DictConfig) -> dict:
         "last_checkpoint": _last_checkpoint(trainer),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     return _finish(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
