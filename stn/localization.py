@@ -3,7 +3,12 @@
 The network sees the image in ``[0, 1]``; it repeats one channel to three, optionally resizes the
 image to its own view size, normalises with the mean/std of its weights (ImageNet when the weights
 carry none), runs the backbone with its classifier head removed, and maps the features through a
-small head to the transform parameters. The head starts at the identity transform: its last layer
+small head to the transform parameters.
+
+By default the head reads the backbone's pooled features. Global pooling discards where things
+are, which a localization network needs; ``feature_node`` instead cuts the backbone at an inner
+node (torchvision feature-extraction names, e.g. ``layer2`` of a resnet) and the head reads the
+flattened feature map, position included. It also makes the backbone much cheaper. The head starts at the identity transform: its last layer
 has zero weights and its bias holds the identity parameters (their ``atanh`` when bounded), so an
 untrained network predicts exactly ``initial`` for every image.
 """
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 __all__ = ["LocalizationNet", "build_backbone"]
 
@@ -87,18 +93,49 @@ def _load_state_dict(model: nn.Module, state: dict[str, Tensor], head: str, sour
         )
 
 
-def build_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple, tuple, bool]:
-    """A torchvision classification model with its head replaced by ``nn.Identity``.
+class NodeOutput(nn.Module):
+    """A backbone cut at ``node``: returns that node's output ``(N, C, h, w)``."""
+
+    def __init__(self, model: nn.Module, node: str, backbone: str):
+        super().__init__()
+        nodes = get_graph_node_names(model)[1]
+        if node not in nodes and not any(name.startswith(f"{node}.") for name in nodes):
+            blocks = ", ".join(dict.fromkeys(name.split(".")[0] for name in nodes))
+            raise ValueError(
+                f"Backbone {backbone!r} has no node {node!r}. Set model.loc_net.feature_node to one of "
+                f"its blocks ({blocks}), an inner node listed by torchvision.models.feature_extraction."
+                "get_graph_node_names, or null for the pooled features."
+            )
+        self.node = node
+        self.body = create_feature_extractor(model, return_nodes={node: "features"})
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.body(images)["features"]
+
+
+def build_backbone(
+    backbone: str, weights: str | None, feature_node: str | None = None
+) -> tuple[nn.Module, tuple, tuple, bool]:
+    """A torchvision classification model without its head, optionally cut at ``feature_node``.
 
     Args:
         backbone: a torchvision model name, e.g. ``"resnet18"``.
         weights: ``"DEFAULT"``, an enum name such as ``"IMAGENET1K_V1"``, a path to a local
             ``.pth`` state_dict, or ``None`` for random initialisation.
+        feature_node: a feature-extraction node name to cut the backbone at (e.g. ``"layer2"``);
+            ``None`` keeps the whole backbone up to its pooled features.
 
     Returns:
         ``(model, mean, std, pretrained)``: the headless model, the normalisation its weights
         expect, and whether pretrained weights were actually loaded.
     """
+    model, mean, std, pretrained = _load_backbone(backbone, weights)
+    if feature_node is not None:
+        model = NodeOutput(model, feature_node, backbone)
+    return model, mean, std, pretrained
+
+
+def _load_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple, tuple, bool]:
     _check_backbone_name(backbone)
     model = torchvision.models.get_model(backbone, weights=None)
     head = _head_name(model, backbone)
@@ -148,6 +185,8 @@ class LocalizationNet(nn.Module):
             ``(2, 3)`` affine matrix); the network predicts ``(N, *S)``.
         backbone: torchvision classification model name.
         weights: ``"DEFAULT"``, an enum name, a local ``.pth`` path, or ``None`` (random init).
+        feature_node: cut the backbone at this node and read its flattened feature map
+            (``None``: the pooled features).
         input_size: ``(H, W)`` the image is resized to before the backbone (``None``: as is).
         freeze_backbone: keep the backbone fixed (no gradients, batch-norm statistics frozen).
         bounded: squash outputs with ``tanh`` into ``(-1, 1)``.
@@ -161,6 +200,7 @@ class LocalizationNet(nn.Module):
         initial: Tensor,
         backbone: str = "resnet18",
         weights: str | None = "DEFAULT",
+        feature_node: str | None = None,
         input_size: tuple[int, int] | int | None = None,
         freeze_backbone: bool = False,
         bounded: bool = False,
@@ -177,13 +217,19 @@ class LocalizationNet(nn.Module):
                 "represented. For TPS set model.tps.margin > 0 (e.g. 0.1); for the affine transform "
                 "set model.loc_net.bounded=false."
             )
+        if feature_node is not None and input_size is None:
+            raise ValueError(
+                f"model.loc_net.feature_node={feature_node!r} needs model.loc_net.input_size: the head "
+                "reads the flattened feature map, whose size depends on the view size. Set e.g. "
+                "model.loc_net.input_size=32."
+            )
         self.output_shape = tuple(initial.shape)
         self.input_size = None if input_size is None else _pair(input_size)
         self.freeze_backbone = bool(freeze_backbone)
         self.bounded = bool(bounded)
         self.lr_mult = float(lr_mult)
         self.backbone_lr_mult = float(backbone_lr_mult)
-        self.backbone, mean, std, self.pretrained = build_backbone(backbone, weights)
+        self.backbone, mean, std, self.pretrained = build_backbone(backbone, weights, feature_node)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         features = self._feature_size()

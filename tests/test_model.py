@@ -188,6 +188,34 @@ def test_offline_without_cached_weights_warns_and_uses_random_init(tmp_path, mon
     torch.testing.assert_close(net.std.flatten(), torch.tensor(IMAGENET_STD))
 
 
+def test_feature_node_cuts_the_backbone_and_keeps_positions(tmp_path):
+    state = _saved_resnet18(tmp_path / "resnet18_mine.pth")
+    net = LocalizationNet(grid_points(4, 4), backbone="resnet18", weights=str(tmp_path / "resnet18_mine.pth"),
+                          feature_node="layer2", input_size=32)
+    x = torch.rand(2, 1, 42, 42)
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(state)
+    view = F.interpolate(x.expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    view = (view - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    net.eval()
+    reference.eval()
+    with torch.no_grad():
+        r = reference
+        expected = r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(view))))))
+        torch.testing.assert_close(net.features(x), expected.flatten(1))
+    assert expected.shape[1:] == (128, 4, 4)
+    assert net.head[0].in_features == 128 * 4 * 4
+    assert not any(name.startswith(("layer3", "layer4", "fc")) for name, _ in net.backbone.body.named_parameters())
+    torch.testing.assert_close(net(x), grid_points(4, 4).expand(2, -1, -1))
+
+
+def test_feature_node_errors_name_the_setting():
+    with pytest.raises(ValueError, match=r"has no node 'layer9'.*model.loc_net.feature_node.*layer2"):
+        LocalizationNet(grid_points(4, 4), backbone="resnet18", weights=None, feature_node="layer9", input_size=32)
+    with pytest.raises(ValueError, match=r"needs model.loc_net.input_size"):
+        LocalizationNet(grid_points(4, 4), backbone="resnet18", weights=None, feature_node="layer2")
+
+
 def test_other_backbones_and_three_channel_input():
     target = grid_points(3, 3)
     for backbone in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):

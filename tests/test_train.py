@@ -1,0 +1,209 @@
+"""End to end: the real scripts in subprocesses, on real MNIST, with tiny limits.
+
+Every run writes into its own ``paths.output_root`` under ``tmp_path`` and runs from an empty working
+directory, which must stay empty. Needs ``$STN_DATA_DIR`` holding ``MNIST/raw`` (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.utils import save_image
+
+from stn.module import STNClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("STN_DATA_DIR", "")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
+        reason="end-to-end runs need real MNIST: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte",
+    ),
+]
+
+# Tiny and cheap: 3 training batches of 32, 2 validation and 2 test batches, a 16x16 loc-net view.
+TINY = [
+    "data.batch_size=32",
+    "data.val_size=256",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "model.loc_net.input_size=16",
+    "model.num_log_images=4",
+]
+STEPS_PER_EPOCH = 3
+TEST_IMAGES = 64
+
+
+def run_script(script: str, tmp_path: Path, name: str, *overrides: str, env: dict | None = None) -> tuple[Path, str]:
+    """Run ``scripts/<script>`` from an empty folder; return its run folder and its output."""
+    cwd = tmp_path / f"{name}_cwd"
+    cwd.mkdir()
+    root = tmp_path / name
+    command = [sys.executable, str(REPO / "scripts" / script), f"paths.output_root={root}", *overrides]
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "STN_DATA_DIR": DATA_DIR, **(env or {})},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert list(cwd.iterdir()) == [], f"{script} wrote into its working directory: {list(cwd.iterdir())}"
+    runs = [p.parent for p in root.glob("*/*/.hydra")]
+    assert len(runs) == 1, runs
+    assert f"Run folder: {runs[0]}" in output
+    return runs[0], output
+
+
+def read_metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def events(run: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.fixture(scope="module")
+def tps_run(tmp_path_factory) -> Path:
+    """Two tiny epochs of the TPS experiment, keeping every epoch's checkpoint."""
+    run, _ = run_script(
+        "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps", *TINY,
+        "trainer.max_epochs=2", "model.loc_net.weights=null", "callbacks.model_checkpoint.save_top_k=-1",
+    )
+    return run
+
+
+def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
+    summary = read_metrics(tps_run)
+    metrics = summary["metrics"]
+    assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"}
+    assert metrics["test/error"] == pytest.approx(100 * (1 - metrics["test/acc"]), abs=1e-4)
+    assert metrics["val/acc_best"] >= metrics["val/acc"]
+    config = summary["config"]
+    assert config["model"]["transform"] == "tps" and config["data"]["distortion"] == "rts"
+    assert config["seed"] == 12345 and config["ckpt_path"] is None
+    assert config["model"]["tps"] == {"rows": 4, "cols": 4, "margin": 0.0}
+    assert summary["pretrained"] is False
+    assert summary["epochs"] == 2 and summary["global_step"] == 2 * STEPS_PER_EPOCH
+    checkpoints = tps_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "epoch_001.ckpt", "last.ckpt"]
+    assert Path(summary["best_checkpoint"]).parent == checkpoints
+    assert not list(tps_run.parents[2].rglob("lightning_logs")) and not (REPO / "lightning_logs").exists()
+
+
+def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
+    tensorboard = events(tps_run)
+    tags = tensorboard.Tags()
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "test/error"):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+    lr_tags = [t for t in tags["scalars"] if t.startswith("lr-")]
+    assert {t.split("/")[-1] for t in lr_tags} == {"classifier", "loc_head", "loc_backbone"}
+    assert len(tensorboard.Scalars("train/loss")) == 2 * STEPS_PER_EPOCH
+    assert len(tensorboard.Scalars("val/acc")) == 2
+    test_error = tensorboard.Scalars("test/error")[-1].value
+    assert test_error == pytest.approx(read_metrics(tps_run)["metrics"]["test/error"], abs=1e-4)
+    # 4 images in one row with 2 px padding: 42x42 inputs, 28x28 warped outputs, overlays upscaled 4x
+    sizes = {"input": (4 * 44 + 2, 46), "warped": (4 * 30 + 2, 32),
+             "control_points": (4 * 170 + 2, 172), "mesh": (4 * 170 + 2, 172)}
+    for name, size in sizes.items():
+        logged = tensorboard.Images(f"images/{name}")
+        assert [event.step for event in logged] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH], name  # every epoch
+        assert (logged[0].width, logged[0].height) == size, name
+    hparams = tensorboard.summary_metadata  # plugin metadata of every tag
+    assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
+
+
+def test_checkpoint_reloads_in_a_new_process_with_the_same_test_metric(tps_run, tmp_path):
+    trained = read_metrics(tps_run)
+    run, _ = run_script(
+        "eval.py", tmp_path, "eval", f"ckpt_path={trained['best_checkpoint']}",
+        "data.batch_size=32", "trainer.limit_test_batches=2",
+    )
+    evaluated = read_metrics(run)
+    assert evaluated["config"]["data"]["distortion"] == "rts"
+    for key in ("test/acc", "test/error", "test/loss"):
+        assert evaluated["metrics"][key] == pytest.approx(trained["metrics"][key], abs=1e-6), key
+    assert "test/error" in events(run).Tags()["scalars"]
+
+
+def test_eval_on_another_distortion(tps_run, tmp_path):
+    run, _ = run_script(
+        "eval.py", tmp_path, "eval_e", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}",
+        "data.distortion=e", "data.batch_size=32", "trainer.limit_test_batches=1",
+    )
+    evaluated = read_metrics(run)
+    assert evaluated["config"]["data"]["distortion"] == "e"
+    assert 0 <= evaluated["metrics"]["test/error"] <= 100
+
+
+def test_resume_continues_from_the_saved_epoch(tps_run, tmp_path):
+    first = tps_run / "checkpoints" / "epoch_000.ckpt"
+    assert torch.load(first, map_location="cpu", weights_only=True)["global_step"] == STEPS_PER_EPOCH
+    run, _ = run_script(
+        "train.py", tmp_path, "resume", "+experiment=mnist_tps", *TINY, "trainer.max_epochs=2",
+        "model.loc_net.weights=null", f"ckpt_path={first}",
+    )
+    summary = read_metrics(run)
+    assert summary["epochs"] == 2 and summary["global_step"] == 2 * STEPS_PER_EPOCH
+    steps = [event.step for event in events(run).Scalars("train/loss")]
+    assert steps == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))  # only the second epoch was trained
+    assert [event.step for event in events(run).Scalars("val/acc")] == [2 * STEPS_PER_EPOCH - 1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_001.ckpt", "last.ckpt"]
+
+
+def test_warp_writes_before_and_after_images(tps_run, tmp_path):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    digits = torch.rand(2, 1, 42, 42, generator=torch.Generator().manual_seed(0))
+    for i, digit in enumerate(digits):
+        save_image(digit, folder / f"digit{i}.png")
+    checkpoint = tps_run / "checkpoints" / "last.ckpt"
+    run, output = run_script("warp.py", tmp_path, "warp", f"ckpt_path={checkpoint}", f"input={folder}")
+    model = STNClassifier.from_checkpoint(str(checkpoint)).eval()
+    for i in range(2):
+        # the PNGs hold uint8: compare with what the script read, up to the rounding of the output
+        image = decode_image(str(folder / f"digit{i}.png"), ImageReadMode.GRAY).float()[None] / 255
+        before = decode_image(str(run / f"digit{i}_before.png"), ImageReadMode.GRAY).float() / 255
+        after = decode_image(str(run / f"digit{i}_after.png"), ImageReadMode.GRAY).float() / 255
+        with torch.no_grad():
+            expected = model.transformer(image)[0]
+        torch.testing.assert_close(before, image[0], atol=1e-6, rtol=0)
+        assert after.shape == (1, 28, 28)
+        torch.testing.assert_close(after, expected, atol=0.5 / 255 + 1e-6, rtol=0)
+        assert f"digit{i}.png: predicted class" in output
+
+
+def test_affine_experiment_offline_falls_back_to_random_init(tmp_path):
+    offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    run, output = run_script(
+        "train.py", tmp_path, "affine", "+experiment=mnist_affine", *TINY, "trainer.max_epochs=1",
+        "model.loc_net.weights=DEFAULT", env=offline,
+    )
+    summary = read_metrics(run)
+    assert summary["config"]["model"]["transform"] == "affine"
+    assert summary["config"]["data"]["distortion"] == "rts"
+    assert summary["pretrained"] is False
+    assert "PRETRAINED WEIGHTS NOT LOADED" in output and "RANDOM initialisation" in output
+    hparams = [meta for meta in events(run).summary_metadata.values() if meta.plugin_data.plugin_name == "hparams"]
+    assert hparams and any(b"pretrained" in meta.plugin_data.content for meta in hparams)
+
+
+def test_cnn_experiment_with_fast_dev_run(tmp_path):
+    run, _ = run_script("train.py", tmp_path, "cnn", "+experiment=mnist_cnn", "data.batch_size=32", "+debug=fdr")
+    summary = read_metrics(run)
+    assert summary["config"]["model"]["transform"] == "none"
+    assert summary["config"]["data"]["distortion"] == "rts"
+    assert 0 <= summary["metrics"]["test/error"] <= 100
+    assert summary["best_checkpoint"] is None and not list(run.rglob("*.ckpt"))
