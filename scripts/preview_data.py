@@ -17,6 +17,11 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from stn.runner import register_resolvers  # noqa: E402
+
+
+register_resolvers()
+
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="preview_data")
 def main(cfg: DictConfig) -> None:

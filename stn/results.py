@@ -2,8 +2,8 @@
 
 Every job folder of a Hydra multirun holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``
 (written before the job starts) and, when the job finished, ``metrics.json``. Jobs are grouped by
-model (``model.transform``), distortion (``data.distortion``) and any other override except the
-seed; each cell reports test error as mean ± std over seeds with the number of runs. Jobs without
+model (``model.transform``), distortion (``data.distortion``) and the other overrides that differ
+between the jobs (the seed aside); each cell reports test error as mean ± std over seeds with the number of runs. Jobs without
 ``metrics.json`` are counted as failed, never dropped.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ class Run:
     folder: Path
     transform: str
     distortion: str
-    variant: str
+    settings: dict[str, str]
+    variant: str = ""
     error: float | None = None
     reason: str = ""
 
@@ -58,10 +60,25 @@ class Cell:
         return f"{text}, {self.failed} failed" if self.failed else text
 
 
-def _variant(overrides: list[str]) -> str:
-    """The overrides that tell this job's group apart, seed and the table's own axes left out."""
-    kept = [item for item in overrides if item.split("=", 1)[0] not in IGNORED_OVERRIDES]
-    return ",".join(sorted(kept))
+def _settings(overrides: list[str]) -> dict[str, str]:
+    """A job's overrides as ``{key: value}``, seed and the table's own axes left out."""
+    pairs = (item.partition("=") for item in overrides)
+    return {key: value for key, _, value in pairs if key not in IGNORED_OVERRIDES}
+
+
+def _label_variants(runs: list[Run]) -> None:
+    """Set each run's ``variant`` to the overrides that differ between the runs (shared ones say nothing)."""
+    keys = {key for run in runs for key in run.settings}
+    varying = sorted(key for key in keys if len({run.settings.get(key) for run in runs}) > 1)
+    for run in runs:
+        run.variant = ",".join(f"{key}={run.settings[key]}" for key in varying if key in run.settings)
+
+
+def _exception_line(traceback: str) -> str:
+    """The innermost exception of a traceback (Hydra wraps errors of instantiated objects)."""
+    lines = traceback.strip().splitlines()
+    exceptions = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    return (exceptions or lines)[-1]
 
 
 def _load_run(folder: Path) -> Run:
@@ -72,12 +89,12 @@ def _load_run(folder: Path) -> Run:
         folder=folder,
         transform=str(config["model"]["transform"]),
         distortion=str(config["data"]["distortion"]),
-        variant=_variant(overrides or []),
+        settings=_settings(overrides or []),
     )
     metrics_file = folder / "metrics.json"
     if not metrics_file.exists():
         error_file = folder / "error.txt"
-        run.reason = error_file.read_text().strip().splitlines()[-1] if error_file.exists() else "no metrics.json"
+        run.reason = _exception_line(error_file.read_text()) if error_file.exists() else "no metrics.json"
         return run
     error = json.loads(metrics_file.read_text()).get("metrics", {}).get("test/error")
     if error is None or not math.isfinite(error):
@@ -98,7 +115,9 @@ def collect_runs(root: str | Path) -> list[Run]:
             f"No Hydra job folders (with .hydra/config.yaml) below {root}. Pass the folder a sweep "
             "wrote, e.g. outputs/multirun/<date>/<time>."
         )
-    return [_load_run(folder) for folder in folders]
+    runs = [_load_run(folder) for folder in folders]
+    _label_variants(runs)
+    return runs
 
 
 def results_table(runs: list[Run]) -> str:

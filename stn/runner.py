@@ -7,6 +7,7 @@ built here; every ``_target_`` in the configs names a class of ``stn``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -47,6 +48,35 @@ CALLBACKS = {
 }
 LOGGERS = {"tensorboard": TensorBoardLogger, "csv": CSVLogger}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def job_folder_name(overrides: str, limit: int = 120) -> str:
+    """A sweep job's folder name from Hydra's ``override_dirname`` that stays a legal file name.
+
+    Short lists stay as they are (``model.tps.rows=3,seed=2``). Longer ones keep only the last part
+    of every key (``rows=3,seed=2``) and, if still too long, are cut with a hash of the whole list;
+    the job number in front keeps names unique and ``.hydra/overrides.yaml`` holds the full list.
+    """
+    if len(overrides) <= limit:
+        return overrides
+    short = ",".join(_last_key_part(item) for item in overrides.split(","))
+    if len(short) <= limit:
+        return short
+    return short[: limit - 9] + "~" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+
+
+def _last_key_part(item: str) -> str:
+    """``model.tps.rows=3`` -> ``rows=3``."""
+    key, separator, value = item.partition("=")
+    return key.rsplit(".", 1)[-1] + separator + value
+
+
+def register_resolvers() -> None:
+    """``${job_folder_name:...}`` for configs/hydra (sweep job folders); safe to call again."""
+    OmegaConf.register_new_resolver("job_folder_name", job_folder_name, replace=True)
+
+
+register_resolvers()
 
 
 def build_callbacks(config: DictConfig | None) -> list[Callback]:
@@ -253,7 +283,7 @@ def warp(cfg: DictConfig) -> list[Path]:
     images = torch.stack([load_image(p, model.hparams.in_channels, size, cfg.invert) for p in files])
     with torch.no_grad():
         warped = model.transformer(images)
-        predictions = model.classifier(warped).argmax(1).tolist()
+        predictions = model.classify(warped).argmax(1).tolist()
     out_dir = Path(cfg.paths.output_dir)
     written = []
     for path, before, after, label in zip(files, images, warped, predictions):

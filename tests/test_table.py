@@ -58,8 +58,8 @@ def test_failed_jobs_are_marked(tmp_path):
 
 
 def test_other_overrides_make_their_own_rows(tmp_path):
-    make_job(tmp_path / "0", "tps", "rts", 1, 0.5, extra=["model.tps.rows=3"])
-    make_job(tmp_path / "1", "tps", "rts", 1, 0.7, extra=["model.tps.rows=5"])
+    make_job(tmp_path / "0", "tps", "rts", 1, 0.5, extra=["model.tps.rows=3", "trainer.max_epochs=2"])
+    make_job(tmp_path / "1", "tps", "rts", 1, 0.7, extra=["model.tps.rows=5", "trainer.max_epochs=2"])
     table = results_table(collect_runs(tmp_path))
     assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=3)")[1] == "0.50 ± 0.00 (n=1)"
     assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=5)")[1] == "0.70 ± 0.00 (n=1)"

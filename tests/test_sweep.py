@@ -1,0 +1,180 @@
+"""Sweeps and scale-out: multirun through the real script, the paper-table sweep, Optuna, DDP, SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stn.runner import job_folder_name
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("STN_DATA_DIR", "")
+needs_mnist = pytest.mark.skipif(
+    not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
+    reason="end-to-end runs need real MNIST: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte",
+)
+
+TINY = [
+    "data.batch_size=32",
+    "data.val_size=256",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "model.loc_net.input_size=16",
+    "model.num_log_images=4",
+    "callbacks.rich_progress_bar=null",
+]
+
+
+def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``scripts/train.py`` from an empty working folder, writing below ``tmp_path/outputs``."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), *overrides, f"paths.output_root={tmp_path / 'outputs'}"]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "STN_DATA_DIR": DATA_DIR})
+    assert list(cwd.iterdir()) == [], f"train.py wrote into its working folder: {list(cwd.iterdir())}"
+    return done
+
+
+def job_folders(tmp_path: Path) -> list[Path]:
+    return sorted(path.parent for path in (tmp_path / "outputs").rglob(".hydra"))
+
+
+def scalar_tags(run: Path) -> set[str]:
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path):
+    """Three jobs, one of which fails (a 1-row grid is impossible): the other two still finish."""
+    done = train(tmp_path, "-m", "+experiment=mnist_tps", "model.tps.rows=1,3,4", *TINY)
+    assert done.returncode != 0, "the sweep must report its failed job"
+    jobs = job_folders(tmp_path)
+    assert len(jobs) == 3
+    for number, (job, rows) in enumerate(zip(jobs, (1, 3, 4))):
+        assert job.name.startswith(f"{number}_+experiment=mnist_tps,") and f",rows={rows}," in job.name, job.name
+    assert all(job.parent.parent.parent.name == "multirun" for job in jobs)
+    failed, *finished = jobs
+    assert not (failed / "metrics.json").exists()
+    assert "model.tps.rows" in (failed / "error.txt").read_text()
+    for job, rows in zip(finished, (3, 4)):
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["config"]["model"]["tps"]["rows"] == rows
+        assert {"train/loss", "val/acc", "test/acc", "test/error"} <= scalar_tags(job)
+
+    table = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "table.py"), str(jobs[0].parent)], capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr
+    rows = {line.split("|")[1].strip(): line for line in table.stdout.splitlines() if line.startswith("|")}
+    for job, variant in zip(finished, ("model.tps.rows=3", "model.tps.rows=4")):
+        error = json.loads((job / "metrics.json").read_text())["metrics"]["test/error"]
+        assert f"{error:.2f} ± 0.00 (n=1)" in rows[f"ST-CNN TPS (ours, {variant})"]
+    assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, model.tps.rows=1)"]
+    assert f"- {failed}: ValueError" in table.stdout
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_ddp_trains_with_two_processes_into_one_run_folder(tmp_path):
+    single = tmp_path / "single"
+    ddp = tmp_path / "ddp"
+    assert train(single, "+experiment=mnist_tps", *TINY).returncode == 0
+    done = train(ddp, "+experiment=mnist_tps", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *TINY)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "MEMBER: 2/2" in done.stdout + done.stderr
+
+    (single_run,), (ddp_run,) = job_folders(single), job_folders(ddp)
+    single_metrics = json.loads((single_run / "metrics.json").read_text())
+    ddp_metrics = json.loads((ddp_run / "metrics.json").read_text())
+    assert (single_metrics["world_size"], ddp_metrics["world_size"]) == (1, 2)
+    assert single_metrics["metrics"].keys() == ddp_metrics["metrics"].keys()
+    assert scalar_tags(single_run) == scalar_tags(ddp_run)
+
+    def files(run: Path) -> set[str]:
+        return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tfevents" not in p.name and p.suffix != ".log"}
+
+    assert files(single_run) == files(ddp_run)
+    single_state = torch.load(single_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    ddp_state = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k: v.shape for k, v in single_state.items()} == {k: v.shape for k, v in ddp_state.items()}
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    done = train(tmp_path, "-m", "+experiment=mnist_tps", "+hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", *TINY)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    jobs = job_folders(tmp_path)
+    assert len(jobs) == 2
+    best = OmegaConf.load(jobs[0].parent / "optimization_results.yaml")
+    trials = [json.loads((job / "metrics.json").read_text())["metrics"]["val/acc_best"] for job in jobs]
+    assert best.best_value == pytest.approx(max(trials))
+    assert set(best.best_params) == {"model.optimizer.lr", "model.optimizer.weight_decay", "model.loc_net.lr_mult", "model.bending_weight"}
+
+
+def test_job_folder_names_stay_legal():
+    assert job_folder_name("model.tps.rows=3,seed=2") == "model.tps.rows=3,seed=2"
+    many = ",".join(f"trainer.limit_train_batches_{i}=3" for i in range(10))
+    assert job_folder_name(many) == ",".join(f"limit_train_batches_{i}=3" for i in range(10))
+    name = job_folder_name(",".join(f"model.loc_net.some_long_setting_{i}=value_{i}" for i in range(20)))
+    assert len(name) == 120 and name.startswith("some_long_setting_0=value_0,")
+
+
+def test_paper_table_sweep_composes_36_jobs():
+    cfg = compose_train("+sweep=paper_table")
+    params = cfg.hydra.sweeper.params
+    assert params["+experiment"] == "mnist_cnn,mnist_affine,mnist_tps"
+    assert params["data.distortion"] == "r,rts,p,e"
+    assert params["seed"] == "1,2,3"
+    for experiment, transform in (("mnist_cnn", "none"), ("mnist_affine", "affine"), ("mnist_tps", "tps")):
+        job = compose_train(f"+experiment={experiment}", "data.distortion=p", "seed=2")
+        assert (job.model.transform, job.data.distortion, job.seed) == (transform, "p", 2)
+
+
+def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
+    """The launcher config composes, instantiates, and submitit turns it into the sbatch header.
+
+    No cluster here: submitit is told ``srun`` exists, and the submission file is written, not sent.
+    """
+    cfg = compose_train(
+        "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.timeout_min=90", "trainer=ddp", f"hydra.sweep.dir={tmp_path}",
+    )
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher_cfg.partition, launcher_cfg.gpus_per_node, launcher_cfg.tasks_per_node) == ("gpu", 4, 4)
+    assert (launcher_cfg.timeout_min, cfg.trainer.strategy) == (90, "ddp")
+
+    launcher = instantiate(launcher_cfg)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    params = dict(launcher.params)
+    init = {"folder": str(tmp_path / ".submitit"), "slurm_max_num_timeout": params.pop("max_num_timeout")}
+    del params["submitit_folder"]
+    executor = submitit.AutoExecutor(cluster="slurm", **init)
+    shared = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name", "stderr_to_stdout"}
+    executor.update_parameters(**{key if key in shared else f"slurm_{key}": value for key, value in params.items()})
+    script = executor._executor._make_submission_file_text("python scripts/train.py", "job")
+    for line in ("--partition=gpu", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=90", "--nodes=1", "--mem=32GB"):
+        assert f"#SBATCH {line}" in script
