@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
 from stn.module import STNClassifier
@@ -267,8 +268,8 @@ def _image_files(source: Path) -> list[Path]:
 
 def load_image(path: Path, channels: int, size: tuple[int, int], invert: bool = False) -> torch.Tensor:
     """An image file as the model sees it: float ``(channels, H, W)`` in [0, 1] at ``size``."""
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    image = decode_image(str(path), mode=mode).float() / 255
+    with Image.open(path) as file:
+        image = pil_to_tensor(file.convert("L" if channels == 1 else "RGB")).float() / 255
     if invert:
         image = 1 - image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]

@@ -270,6 +270,16 @@ def test_nan_loss_names_the_cause_and_the_settings():
 # ---------------------------------------------------------------- classifier
 
 
+def test_channels_last_gives_the_same_logits():
+    torch.manual_seed(0)
+    plain = STNClassifier("tps", loc_net=CHEAP, output_size=(28, 28)).eval()
+    fast = STNClassifier("tps", loc_net=CHEAP, output_size=(28, 28), channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.classifier.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = images(4)
+    torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("size", [28, 42])
 def test_classifier_takes_any_input_size(size):
     classifier = CNNClassifier(num_classes=10, width=8)

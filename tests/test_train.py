@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
 from stn.module import STNClassifier
@@ -63,6 +64,12 @@ def run_script(script: str, tmp_path: Path, name: str, *overrides: str, env: dic
     assert len(runs) == 1, runs
     assert f"Run folder: {runs[0]}" in output
     return runs[0], output
+
+
+def read_gray(path: Path) -> torch.Tensor:
+    """A PNG as float ``(1, H, W)`` in [0, 1]."""
+    with Image.open(path) as image:
+        return pil_to_tensor(image.convert("L")).float() / 255
 
 
 def read_metrics(run: Path) -> dict:
@@ -174,9 +181,9 @@ def test_warp_writes_before_and_after_images(tps_run, tmp_path):
     model = STNClassifier.from_checkpoint(str(checkpoint)).eval()
     for i in range(2):
         # the PNGs hold uint8: compare with what the script read, up to the rounding of the output
-        image = decode_image(str(folder / f"digit{i}.png"), ImageReadMode.GRAY).float()[None] / 255
-        before = decode_image(str(run / f"digit{i}_before.png"), ImageReadMode.GRAY).float() / 255
-        after = decode_image(str(run / f"digit{i}_after.png"), ImageReadMode.GRAY).float() / 255
+        image = read_gray(folder / f"digit{i}.png")[None]
+        before = read_gray(run / f"digit{i}_before.png")
+        after = read_gray(run / f"digit{i}_after.png")
         with torch.no_grad():
             expected = model.transformer(image)[0]
         torch.testing.assert_close(before, image[0], atol=1e-6, rtol=0)
