@@ -20,8 +20,9 @@ class CNNClassifier(nn.Module):
 
     Stages one and two hold two 3x3 conv-BN-ReLU layers each and end in 2x2 max pooling; stage
     three is one conv layer. Global average pooling makes the network independent of the input
-    size (28x28 MNIST, 42x42 canvases, anything in between). About 0.3M parameters at width 32;
-    reaches 99.4-99.5 % on clean MNIST in a few epochs.
+    size (28x28 MNIST, 42x42 canvases, anything in between). About 0.14M parameters at width 32;
+    on its own it reaches 99.4 % test accuracy on clean MNIST in 3 epochs
+    (``scripts/train.py +experiment=mnist_cnn data.distortion=none trainer.max_epochs=3``).
 
     Args:
         in_channels: image channels.
