@@ -136,8 +136,9 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
 
 def test_job_folder_names_stay_legal():
     assert job_folder_name("model.tps.rows=3,seed=2") == "model.tps.rows=3,seed=2"
-    many = ",".join(f"trainer.limit_train_batches_{i}=3" for i in range(10))
-    assert job_folder_name(many) == ",".join(f"limit_train_batches_{i}=3" for i in range(10))
+    many = ",".join(f"trainer.limit_train_batches_{i}=3" for i in range(5))
+    assert len(many) > 120
+    assert job_folder_name(many) == ",".join(f"limit_train_batches_{i}=3" for i in range(5))
     name = job_folder_name(",".join(f"model.loc_net.some_long_setting_{i}=value_{i}" for i in range(20)))
     assert len(name) == 120 and name.startswith("some_long_setting_0=value_0,")
 
