@@ -8,7 +8,6 @@ tests write a tiny fake MNIST in torchvision's IDX layout. Warps are checked aga
 from __future__ import annotations
 
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -28,11 +27,6 @@ from stn.data import MNISTDataModule, MNISTFilesError
 from stn.data import distortions as D
 from stn.data.mnist_files import MNIST_FILES, REPO_ROOT
 
-DATA_DIR = os.environ.get("STN_DATA_DIR", "")
-needs_mnist = pytest.mark.skipif(
-    not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
-    reason="real-MNIST test: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte (e.g. ../shared/data)",
-)
 
 
 # ---------------------------------------------------------------- helpers
@@ -104,9 +98,9 @@ def generator(seed: int = 0) -> torch.Generator:
 
 
 @pytest.fixture(scope="module")
-def mnist_test_split():
+def mnist_test_split(mnist_root):
     """The first 2000 real test digits, uint8 ``(2000, 1, 28, 28)``, and their labels, read with numpy."""
-    raw = Path(DATA_DIR) / "MNIST" / "raw"
+    raw = Path(mnist_root) / "MNIST" / "raw"
     images = read_idx(raw / "t10k-images-idx3-ubyte")[:2000]
     labels = read_idx(raw / "t10k-labels-idx1-ubyte")[:2000]
     return torch.from_numpy(images.copy())[:, None], labels
@@ -387,12 +381,12 @@ def test_resuming_from_an_epoch_checkpoint_replays_the_same_batches(tmp_path):
 # ---------------------------------------------------------------- real MNIST
 
 
-@needs_mnist
-def test_real_mnist_shapes_ranges_balance_and_none_is_raw():
-    raw = Path(DATA_DIR) / "MNIST" / "raw"
+@pytest.mark.mnist
+def test_real_mnist_shapes_ranges_balance_and_none_is_raw(mnist_root):
+    raw = Path(mnist_root) / "MNIST" / "raw"
     train_labels = read_idx(raw / "train-labels-idx1-ubyte")
     test_images, test_labels = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte")
-    datamodule = MNISTDataModule(root=DATA_DIR, distortion="none")
+    datamodule = MNISTDataModule(root=mnist_root, distortion="none")
     datamodule.prepare_data()
     datamodule.setup()
     assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (55000, 5000, 10000)
@@ -408,10 +402,10 @@ def test_real_mnist_shapes_ranges_balance_and_none_is_raw():
     assert torch.equal(batch, images.float() / 255) and labels.dtype == torch.int64
 
 
-@needs_mnist
-def test_real_mnist_rts_datamodule_is_identical_across_instances():
-    first = MNISTDataModule(root=DATA_DIR, distortion="rts", batch_size=100, seed=1)
-    second = MNISTDataModule(root=DATA_DIR, distortion="rts", batch_size=256, seed=2)
+@pytest.mark.mnist
+def test_real_mnist_rts_datamodule_is_identical_across_instances(mnist_root):
+    first = MNISTDataModule(root=mnist_root, distortion="rts", batch_size=100, seed=1)
+    second = MNISTDataModule(root=mnist_root, distortion="rts", batch_size=256, seed=2)
     for datamodule in (first, second):
         datamodule.setup()
     for split in ("val_set", "test_set"):
@@ -425,7 +419,7 @@ def test_real_mnist_rts_datamodule_is_identical_across_instances():
     assert 0 <= float(batch.min()) and float(batch.max()) <= 1
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_real_r_turns_digit_axes_by_the_drawn_angle(mnist_test_split):
     images, labels = mnist_test_split
     ones = images[labels == 1]  # elongated digits have a well-defined principal axis
@@ -442,7 +436,7 @@ def test_real_r_turns_digit_axes_by_the_drawn_angle(mnist_test_split):
     assert -90 <= angles.min() < -89 and 89 < angles.max() <= 90
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_real_rts_places_scales_and_spreads_digits_on_the_canvas(mnist_test_split):
     images, _ = mnist_test_split
     params = D.sample_params("rts", len(images), generator(4))
@@ -488,7 +482,7 @@ def check_centres(images: torch.Tensor, warped: torch.Tensor, forward: np.ndarra
     assert np.all(moved.std(0) > min_spread), moved.std(0)
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_real_p_moves_digits_as_the_corner_homography_predicts(mnist_test_split):
     images = mnist_test_split[0][:1000]
     params = D.sample_params("p", len(images), generator(6))
@@ -511,7 +505,7 @@ def test_real_p_moves_digits_as_the_corner_homography_predicts(mnist_test_split)
     assert np.quantile(np.abs(ratio / scale - 1), 0.99) < 0.02
 
 
-@needs_mnist
+@pytest.mark.mnist
 def test_real_e_moves_digits_as_the_spline_through_shifted_points_predicts(mnist_test_split):
     images = mnist_test_split[0][:500]
     params = D.sample_params("e", len(images), generator(8))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,24 +18,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from stn.runner import job_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = os.environ.get("STN_DATA_DIR", "")
-needs_mnist = pytest.mark.skipif(
-    not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
-    reason="end-to-end runs need real MNIST: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte",
-)
-
-TINY = [
-    "data.batch_size=32",
-    "data.val_size=256",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=1",
-    "model.loc_net.input_size=16",
-    "model.num_log_images=4",
-    "callbacks.rich_progress_bar=null",
-]
 
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -44,7 +25,7 @@ def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     cwd = tmp_path / "cwd"
     cwd.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO / "scripts" / "train.py"), *overrides, f"paths.output_root={tmp_path / 'outputs'}"]
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, "STN_DATA_DIR": DATA_DIR})
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert list(cwd.iterdir()) == [], f"train.py wrote into its working folder: {list(cwd.iterdir())}"
     return done
 
@@ -65,10 +46,10 @@ def compose_train(*overrides: str):
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path):
+@pytest.mark.mnist
+def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path, tiny_run):
     """Three jobs, one of which fails (a 1-row grid is impossible): the other two still finish."""
-    done = train(tmp_path, "-m", "+experiment=mnist_tps", "model.tps.rows=1,3,4", *TINY)
+    done = train(tmp_path, "-m", "+experiment=mnist_tps", "model.tps.rows=1,3,4", *tiny_run)
     assert done.returncode != 0, "the sweep must report its failed job"
     jobs = job_folders(tmp_path)
     assert len(jobs) == 3
@@ -96,12 +77,12 @@ def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path):
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_ddp_trains_with_two_processes_into_one_run_folder(tmp_path):
+@pytest.mark.mnist
+def test_ddp_trains_with_two_processes_into_one_run_folder(tmp_path, tiny_run):
     single = tmp_path / "single"
     ddp = tmp_path / "ddp"
-    assert train(single, "+experiment=mnist_tps", *TINY).returncode == 0
-    done = train(ddp, "+experiment=mnist_tps", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *TINY)
+    assert train(single, "+experiment=mnist_tps", *tiny_run).returncode == 0
+    done = train(ddp, "+experiment=mnist_tps", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *tiny_run)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "MEMBER: 2/2" in done.stdout + done.stderr
 
@@ -122,9 +103,9 @@ def test_ddp_trains_with_two_processes_into_one_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-@needs_mnist
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
-    done = train(tmp_path, "-m", "+experiment=mnist_tps", "+hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", *TINY)
+@pytest.mark.mnist
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, tiny_run):
+    done = train(tmp_path, "-m", "+experiment=mnist_tps", "+hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", *tiny_run)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     jobs = job_folders(tmp_path)
     assert len(jobs) == 2

@@ -22,28 +22,9 @@ from torchvision.utils import save_image
 from stn.module import STNClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = os.environ.get("STN_DATA_DIR", "")
+pytestmark = [pytest.mark.slow, pytest.mark.mnist]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (DATA_DIR and (Path(DATA_DIR) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()),
-        reason="end-to-end runs need real MNIST: set STN_DATA_DIR to a folder holding MNIST/raw/*-ubyte",
-    ),
-]
-
-# Tiny and cheap: 3 training batches of 32, 2 validation and 2 test batches, a 16x16 loc-net view.
-TINY = [
-    "data.batch_size=32",
-    "data.val_size=256",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.log_every_n_steps=1",
-    "model.loc_net.input_size=16",
-    "model.num_log_images=4",
-]
-STEPS_PER_EPOCH = 3
+STEPS_PER_EPOCH = 3  # trainer.limit_train_batches of the tiny_run overrides (tests/conftest.py)
 TEST_IMAGES = 64
 
 
@@ -55,7 +36,7 @@ def run_script(script: str, tmp_path: Path, name: str, *overrides: str, env: dic
     command = [sys.executable, str(REPO / "scripts" / script), f"paths.output_root={root}", *overrides]
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "STN_DATA_DIR": DATA_DIR, **(env or {})},
+        env={**os.environ, **(env or {})},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
@@ -83,10 +64,10 @@ def events(run: Path) -> EventAccumulator:
 
 
 @pytest.fixture(scope="module")
-def tps_run(tmp_path_factory) -> Path:
+def tps_run(tmp_path_factory, tiny_run) -> Path:
     """Two tiny epochs of the TPS experiment, keeping every epoch's checkpoint."""
     run, _ = run_script(
-        "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps", *TINY,
+        "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps", *tiny_run,
         "trainer.max_epochs=2", "model.loc_net.weights=null", "callbacks.model_checkpoint.save_top_k=-1",
     )
     return run
@@ -155,11 +136,11 @@ def test_eval_on_another_distortion(tps_run, tmp_path):
     assert 0 <= evaluated["metrics"]["test/error"] <= 100
 
 
-def test_resume_continues_from_the_saved_epoch(tps_run, tmp_path):
+def test_resume_continues_from_the_saved_epoch(tps_run, tmp_path, tiny_run):
     first = tps_run / "checkpoints" / "epoch_000.ckpt"
     assert torch.load(first, map_location="cpu", weights_only=True)["global_step"] == STEPS_PER_EPOCH
     run, _ = run_script(
-        "train.py", tmp_path, "resume", "+experiment=mnist_tps", *TINY, "trainer.max_epochs=2",
+        "train.py", tmp_path, "resume", "+experiment=mnist_tps", *tiny_run, "trainer.max_epochs=2",
         "model.loc_net.weights=null", f"ckpt_path={first}",
     )
     summary = read_metrics(run)
@@ -192,10 +173,10 @@ def test_warp_writes_before_and_after_images(tps_run, tmp_path):
         assert f"digit{i}.png: predicted class" in output
 
 
-def test_affine_experiment_offline_falls_back_to_random_init(tmp_path):
+def test_affine_experiment_offline_falls_back_to_random_init(tmp_path, tiny_run):
     offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     run, output = run_script(
-        "train.py", tmp_path, "affine", "+experiment=mnist_affine", *TINY, "trainer.max_epochs=1",
+        "train.py", tmp_path, "affine", "+experiment=mnist_affine", *tiny_run, "trainer.max_epochs=1",
         "model.loc_net.weights=DEFAULT", env=offline,
     )
     summary = read_metrics(run)
