@@ -82,26 +82,24 @@ register_resolvers()
 
 def build_callbacks(config: DictConfig | None) -> list[Callback]:
     """Lightning callbacks from ``{name: keyword arguments or null}``; see :data:`CALLBACKS`."""
-    callbacks = []
-    for name, kwargs in (config or {}).items():
-        if kwargs is None:
-            continue
-        if name not in CALLBACKS:
-            raise ValueError(f"Unknown callback {name!r} in callbacks. Known callbacks: {', '.join(CALLBACKS)}.")
-        callbacks.append(CALLBACKS[name](**OmegaConf.to_container(kwargs, resolve=True)))
-    return callbacks
+    return _build_named(config, CALLBACKS, "callback", "callbacks")
 
 
 def build_logger(config: DictConfig | None) -> list[Logger] | bool:
     """Lightning loggers from ``{name: keyword arguments or null}``; ``False`` when there are none."""
-    loggers = []
+    return _build_named(config, LOGGERS, "logger", "logger") or False
+
+
+def _build_named(config: DictConfig | None, known: dict[str, type], kind: str, group: str) -> list:
+    """One object per non-null entry of ``config``, built from ``known[name](**kwargs)``."""
+    built = []
     for name, kwargs in (config or {}).items():
         if kwargs is None:
             continue
-        if name not in LOGGERS:
-            raise ValueError(f"Unknown logger {name!r} in logger. Known loggers: {', '.join(LOGGERS)}.")
-        loggers.append(LOGGERS[name](**OmegaConf.to_container(kwargs, resolve=True)))
-    return loggers or False
+        if name not in known:
+            raise ValueError(f"Unknown {kind} {name!r} in {group}. Known {kind}s: {', '.join(known)}.")
+        built.append(known[name](**OmegaConf.to_container(kwargs, resolve=True)))
+    return built
 
 
 class RunInfo(Callback):
