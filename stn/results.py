@@ -3,8 +3,10 @@
 Every job folder of a Hydra multirun holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``
 (written before the job starts) and, when the job finished, ``metrics.json``. Jobs are grouped by
 model (``model.transform``), distortion (``data.distortion``) and the other overrides that differ
-between the jobs (the seed aside); each cell reports test error as mean ± std over seeds with the number of runs. Jobs without
-``metrics.json`` are counted as failed, never dropped.
+between the jobs (the seed aside); each cell reports test error as mean ± std over seeds with the
+number of runs. Jobs without a finite test error are counted, never dropped: as failed when they left
+``error.txt`` (or a non-finite error), as unfinished when they left nothing (still running, or
+stopped from outside, e.g. by a cluster time limit).
 """
 
 from __future__ import annotations
@@ -44,20 +46,25 @@ class Run:
     variant: str = ""
     error: float | None = None
     reason: str = ""
+    unfinished: bool = False
 
 
 @dataclass
 class Cell:
     errors: list[float] = field(default_factory=list)
     failed: int = 0
+    unfinished: int = 0
 
     def __str__(self) -> str:
+        missing = [f"{count} {what}" for count, what in ((self.failed, "failed"), (self.unfinished, "unfinished")) if count]
         if not self.errors:
-            return f"failed ({self.failed} of {self.failed})" if self.failed else "no run"
+            total = self.failed + self.unfinished
+            if len(missing) == 1:
+                return f"{missing[0].split()[1]} ({total} of {total})"
+            return ", ".join(missing) if missing else "no run"
         mean = statistics.fmean(self.errors)
         spread = statistics.stdev(self.errors) if len(self.errors) > 1 else 0.0
-        text = f"{mean:.2f} ± {spread:.2f} (n={len(self.errors)})"
-        return f"{text}, {self.failed} failed" if self.failed else text
+        return ", ".join([f"{mean:.2f} ± {spread:.2f} (n={len(self.errors)})", *missing])
 
 
 def _settings(overrides: list[str]) -> dict[str, str]:
@@ -94,7 +101,11 @@ def _load_run(folder: Path) -> Run:
     metrics_file = folder / "metrics.json"
     if not metrics_file.exists():
         error_file = folder / "error.txt"
-        run.reason = _exception_line(error_file.read_text()) if error_file.exists() else "no metrics.json"
+        if error_file.exists():
+            run.reason = _exception_line(error_file.read_text())
+        else:
+            run.unfinished = True
+            run.reason = "unfinished: no metrics.json and no error.txt (still running, or stopped from outside)"
         return run
     error = json.loads(metrics_file.read_text()).get("metrics", {}).get("test/error")
     if error is None or not math.isfinite(error):
@@ -126,7 +137,9 @@ def results_table(runs: list[Run]) -> str:
     cells: dict[tuple[str, str], dict[str, Cell]] = {}
     for run in runs:
         cell = cells.setdefault((run.transform, run.variant), {}).setdefault(run.distortion, Cell())
-        if run.error is None:
+        if run.unfinished:
+            cell.unfinished += 1
+        elif run.error is None:
             cell.failed += 1
         else:
             cell.errors.append(run.error)

@@ -44,17 +44,25 @@ def test_mean_std_and_counts(tmp_path):
     assert table_row(table, "CNN (paper)") == ["1.2", "0.8", "1.5", "1.4"]
 
 
-def test_failed_jobs_are_marked(tmp_path):
+def test_failed_and_unfinished_jobs_are_marked(tmp_path):
     make_job(tmp_path / "0", "affine", "p", 1, 0.8)
     make_job(tmp_path / "1", "affine", "p", 2, None)
     make_job(tmp_path / "2", "affine", "e", 1, None)
     (tmp_path / "2" / "error.txt").write_text("Traceback ...\nValueError: loss is NaN\n")
+    make_job(tmp_path / "3", "affine", "p", 3, None)
+    (tmp_path / "3" / "error.txt").write_text("Traceback ...\nFloatingPointError: The training loss is nan\n")
+    make_job(tmp_path / "4", "affine", "r", 1, float("nan"))
+    make_job(tmp_path / "5", "affine", "rts", 1, None)
     table = results_table(collect_runs(tmp_path))
     row = table_row(table, "ST-CNN Aff (ours)")
-    assert row[2] == "0.80 ± 0.00 (n=1), 1 failed"
+    assert row[0] == "failed (1 of 1)"
+    assert row[1] == "unfinished (1 of 1)"
+    assert row[2] == "0.80 ± 0.00 (n=1), 1 failed, 1 unfinished"
     assert row[3] == "failed (1 of 1)"
-    assert f"- {tmp_path / '1'}: no metrics.json" in table
+    assert f"- {tmp_path / '1'}: unfinished: no metrics.json and no error.txt" in table
     assert f"- {tmp_path / '2'}: ValueError: loss is NaN" in table
+    assert f"- {tmp_path / '3'}: FloatingPointError: The training loss is nan" in table
+    assert f"- {tmp_path / '4'}: metrics.json has no finite test/error (nan)" in table
 
 
 def test_other_overrides_make_their_own_rows(tmp_path):
