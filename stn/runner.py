@@ -231,15 +231,16 @@ def _run_info(ckpt_path: str) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Test a checkpoint on ``cfg.data`` (its training distortion unless overridden).
+    """Test a checkpoint on ``cfg.data`` (its training distortion and eval seed unless overridden).
 
     The ``config`` of ``metrics.json`` is the training config (model, seed, ...) with this run's
     keys (data, trainer, paths, ckpt_path, ...) on top.
     """
     start = time.perf_counter()
     run = _run_info(cfg.ckpt_path)
-    if cfg.data.distortion is None:
-        cfg.data.distortion = run["config"]["data"]["distortion"]
+    for key in ("distortion", "eval_seed"):
+        if cfg.data[key] is None:
+            cfg.data[key] = run["config"]["data"][key]
     model = STNClassifier.from_checkpoint(cfg.ckpt_path)
     datamodule = instantiate(cfg.data)
     trainer = L.Trainer(**cfg.trainer, callbacks=build_callbacks(cfg.get("callbacks")),

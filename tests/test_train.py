@@ -65,10 +65,11 @@ def events(run: Path) -> EventAccumulator:
 
 @pytest.fixture(scope="module")
 def tps_run(tmp_path_factory, tiny_run) -> Path:
-    """Two tiny epochs of the TPS experiment, keeping every epoch's checkpoint."""
+    """Two tiny epochs of the TPS experiment, keeping every epoch's checkpoint; test images from eval seed 3."""
     run, _ = run_script(
         "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps", *tiny_run,
         "trainer.max_epochs=2", "model.loc_net.weights=null", "callbacks.model_checkpoint.save_top_k=-1",
+        "data.eval_seed=3",
     )
     return run
 
@@ -121,6 +122,7 @@ def test_checkpoint_reloads_in_a_new_process_with_the_same_test_metric(tps_run, 
     )
     evaluated = read_metrics(run)
     assert evaluated["config"]["data"]["distortion"] == "rts"
+    assert evaluated["config"]["data"]["eval_seed"] == 3  # the checkpoint's test images, not the default seed
     for key in ("test/acc", "test/error", "test/loss"):
         assert evaluated["metrics"][key] == pytest.approx(trained["metrics"][key], abs=1e-6), key
     assert "test/error" in events(run).Tags()["scalars"]
