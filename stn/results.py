@@ -57,14 +57,17 @@ class Cell:
 
     def __str__(self) -> str:
         missing = [f"{count} {what}" for count, what in ((self.failed, "failed"), (self.unfinished, "unfinished")) if count]
-        if not self.errors:
-            total = self.failed + self.unfinished
-            if len(missing) == 1:
-                return f"{missing[0].split()[1]} ({total} of {total})"
-            return ", ".join(missing) if missing else "no run"
-        mean = statistics.fmean(self.errors)
-        spread = statistics.stdev(self.errors) if len(self.errors) > 1 else 0.0
-        return ", ".join([f"{mean:.2f} ± {spread:.2f} (n={len(self.errors)})", *missing])
+        if self.errors:
+            mean = statistics.fmean(self.errors)
+            spread = statistics.stdev(self.errors) if len(self.errors) > 1 else 0.0
+            return ", ".join([f"{mean:.2f} ± {spread:.2f} (n={len(self.errors)})", *missing])
+        if self.failed and self.unfinished:
+            return ", ".join(missing)
+        if self.failed:
+            return f"failed ({self.failed} of {self.failed})"
+        if self.unfinished:
+            return f"unfinished ({self.unfinished} of {self.unfinished})"
+        return "no run"
 
 
 def _settings(overrides: list[str]) -> dict[str, str]:
