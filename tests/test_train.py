@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mnist]
 
 STEPS_PER_EPOCH = 3  # trainer.limit_train_batches of the tiny_run overrides (tests/conftest.py)
-TEST_IMAGES = 64
 
 
 def run_script(script: str, tmp_path: Path, name: str, *overrides: str, env: dict | None = None) -> tuple[Path, str]:
