@@ -21,6 +21,11 @@ name       what happens to the 28x28 digit                                      
 
 Units: pixels of the 28x28 digit, except ``rts`` shifts, which are pixels of the 42x42 canvas; angles
 in radians, positive turns the digit clockwise as displayed (x right, y down).
+
+``strength`` in [0, 1] scales every distortion towards none (angles, shifts and log-scales times
+``strength``), for curricula that grow the distortion during training; evaluation is always at 1.
+:func:`digit_map` turns drawn parameters into the map from the distorted image back to the upright
+digit, which :mod:`stn.pose` uses to measure how much of the distortion a transformer undoes.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ __all__ = [
     "elastic_grid",
     "warp",
     "distort",
+    "dataset_params",
     "distort_dataset",
+    "digit_map",
 ]
 
 DISTORTIONS = ("none", "r", "rts", "p", "e")
@@ -121,10 +128,14 @@ def _folded(scale: Tensor, corner_shift: Tensor) -> Tensor:
     return ~((turns > 0).all(dim=1) | (turns < 0).all(dim=1))
 
 
-def sample_params(name: str, count: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def sample_params(
+    name: str, count: int, generator: torch.Generator, dtype: torch.dtype = torch.float32, strength: float = 1.0
+) -> dict[str, Tensor]:
     """Draw the random parameters of distortion ``name`` for ``count`` images.
 
-    Draws happen on ``generator.device`` in a fixed order, so a generator state gives one result.
+    Draws happen on ``generator.device`` in a fixed order, so a generator state gives one result, and
+    the same draws for every ``strength``: ``strength`` s multiplies angles, shifts and corner/point
+    offsets by s and raises scales to the power s (s = 0: no distortion, s = 1: the benchmark).
 
     Returns:
         ``none``: ``{}``; ``r``: ``angle`` ``(N,)``; ``rts``: ``angle``, ``scale`` ``(N,)``, ``shift``
@@ -132,6 +143,8 @@ def sample_params(name: str, count: int, generator: torch.Generator, dtype: torc
         ``scale``, ``point_shift`` ``(N, 16, 2)`` pixels.
     """
     check_distortion(name)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"The distortion strength must lie in [0, 1], got {strength}.")
     options = {"generator": generator, "device": generator.device, "dtype": dtype}
 
     def uniform(low: float, high: float, *shape: int) -> Tensor:
@@ -143,22 +156,22 @@ def sample_params(name: str, count: int, generator: torch.Generator, dtype: torc
     if name == "none":
         return {}
     if name == "r":
-        return {"angle": uniform(-R_MAX_ANGLE, R_MAX_ANGLE)}
+        return {"angle": uniform(-R_MAX_ANGLE, R_MAX_ANGLE) * strength}
     if name == "rts":
-        angle = uniform(-RTS_MAX_ANGLE, RTS_MAX_ANGLE)
-        scale = uniform(*RTS_SCALE)
+        angle = uniform(-RTS_MAX_ANGLE, RTS_MAX_ANGLE) * strength
+        scale = uniform(*RTS_SCALE) ** strength
         room = (CANVAS_SIZE - INPUT_SIZE * scale) / 2
-        return {"angle": angle, "scale": scale, "shift": uniform(-1.0, 1.0, 2) * room[:, None]}
+        return {"angle": angle, "scale": scale, "shift": uniform(-1.0, 1.0, 2) * room[:, None] * strength}
     if name == "p":
-        scale = uniform(*P_SCALE)
-        corner_shift = normal(P_CORNER_STD, 4, 2)
+        scale = uniform(*P_SCALE) ** strength
+        corner_shift = normal(P_CORNER_STD, 4, 2) * strength
         folded = _folded(scale, corner_shift)
         while bool(folded.any()):
-            corner_shift = torch.where(folded[:, None, None], normal(P_CORNER_STD, 4, 2), corner_shift)
+            corner_shift = torch.where(folded[:, None, None], normal(P_CORNER_STD, 4, 2) * strength, corner_shift)
             folded = _folded(scale, corner_shift)
         return {"scale": scale, "corner_shift": corner_shift}
-    scale = uniform(*E_SCALE)
-    return {"scale": scale, "point_shift": normal(E_POINT_STD, E_GRID * E_GRID, 2)}
+    scale = uniform(*E_SCALE) ** strength
+    return {"scale": scale, "point_shift": normal(E_POINT_STD, E_GRID * E_GRID, 2) * strength}
 
 
 def _pixel_centres(size: int, like: Tensor) -> Tensor:
@@ -279,13 +292,14 @@ def warp(images: Tensor, name: str, params: dict[str, Tensor]) -> Tensor:
     return warped.clamp_(0.0, 1.0)
 
 
-def distort(images: Tensor, name: str, generator: torch.Generator) -> Tensor:
+def distort(images: Tensor, name: str, generator: torch.Generator, strength: float = 1.0) -> Tensor:
     """Distort a batch with fresh random parameters from ``generator``.
 
     Args:
         images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1], on ``generator.device``.
         name: one of :data:`DISTORTIONS`.
         generator: drives every random choice; it advances by one draw per parameter tensor.
+        strength: in [0, 1], how much of the distortion to apply (see :func:`sample_params`).
 
     Returns:
         ``(N, C, H, W)`` float in [0, 1], ``(H, W)`` = :func:`output_size` (42x42 for rts, else 28x28).
@@ -296,14 +310,28 @@ def distort(images: Tensor, name: str, generator: torch.Generator) -> Tensor:
             "on the images' device: torch.Generator(device=images.device).manual_seed(seed)."
         )
     dtype = images.dtype if images.is_floating_point() else torch.float32
-    return warp(images, name, sample_params(name, images.shape[0], generator, dtype))
+    return warp(images, name, sample_params(name, images.shape[0], generator, dtype, strength))
+
+
+def dataset_params(name: str, count: int, seed: int) -> dict[str, Tensor]:
+    """The parameters :func:`distort_dataset` draws for ``count`` images, float64 on the CPU.
+
+    Block ``k`` of :data:`EVAL_BLOCK` images draws from a CPU generator seeded from ``(seed, k)``.
+    """
+    blocks = []
+    for index, start in enumerate(range(0, count, EVAL_BLOCK)):
+        generator = torch.Generator().manual_seed(generator_seed(seed, index))
+        blocks.append(sample_params(name, min(EVAL_BLOCK, count - start), generator, torch.float64))
+    if not blocks:
+        return {}
+    return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}
 
 
 def distort_dataset(images: Tensor, name: str, seed: int) -> Tensor:
     """Distort a whole image set once, the same way on every machine, for any thread count.
 
-    Block ``k`` of :data:`EVAL_BLOCK` images is distorted with a CPU generator seeded from
-    ``(seed, k)``; the maths runs in float64 and the result is rounded to float32.
+    The parameters are :func:`dataset_params` ``(name, N, seed)``; the maths runs in float64, block
+    by block, and the result is rounded to float32.
 
     Args:
         images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1].
@@ -312,11 +340,55 @@ def distort_dataset(images: Tensor, name: str, seed: int) -> Tensor:
     Returns:
         ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
     """
+    params = dataset_params(name, images.shape[0], seed)
     blocks = []
-    for index, start in enumerate(range(0, images.shape[0], EVAL_BLOCK)):
-        generator = torch.Generator().manual_seed(generator_seed(seed, index))
+    for start in range(0, images.shape[0], EVAL_BLOCK):
         block = to_float(images[start : start + EVAL_BLOCK].cpu(), torch.float64)
-        blocks.append(distort(block, name, generator).float())
+        block_params = {key: value[start : start + EVAL_BLOCK] for key, value in params.items()}
+        blocks.append(warp(block, name, block_params).float())
     if not blocks:
         return torch.empty(0, images.shape[1], *output_size(name))
     return torch.cat(blocks)
+
+
+def digit_map(name: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The map from the distorted image back to the undistorted digit, for drawn ``params``.
+
+    A position ``u`` of the distorted image (normalised xy of its own frame, ``grid_sample``'s
+    convention with ``align_corners=False``) shows the content of the original 28x28 digit at
+    ``digit_map(u)``, in pixels from the digit's centre: exactly the positions :func:`warp`'s
+    sampling grid reads, at every point, not only at pixel centres.
+
+    Returns:
+        ``{}`` for ``none``; ``{"homography": (N, 3, 3)}`` for ``r``, ``rts`` (similarities) and ``p``;
+        ``{"tps_source": (N, 16, 2), "tps_target": (N, 16, 2)}`` for ``e`` (the thin-plate spline
+        taking ``tps_target`` to ``tps_source``, :func:`stn.tps.warp_points`). Apply it with
+        :func:`stn.pose.to_digit`.
+    """
+    check_distortion(name)
+    if name == "none":
+        return {}
+    if name in ("r", "rts"):
+        angle = params["angle"]
+        scale = params.get("scale", torch.ones_like(angle))
+        shift = params.get("shift", angle.new_zeros(angle.shape[0], 2))
+        half = output_size(name)[0] / 2
+        cos, sin = angle.cos() / scale, angle.sin() / scale
+        zero, one = torch.zeros_like(angle), torch.ones_like(angle)
+        # digit pixels = R(angle)^T (half * u - shift) / scale, as in similarity_grid
+        rows = [
+            torch.stack([cos * half, sin * half, -(cos * shift[:, 0] + sin * shift[:, 1])], dim=-1),
+            torch.stack([-sin * half, cos * half, sin * shift[:, 0] - cos * shift[:, 1]], dim=-1),
+            torch.stack([zero, zero, one], dim=-1),
+        ]
+        return {"homography": torch.stack(rows, dim=1)}
+    if name == "p":
+        scale, corner_shift = params["scale"], params["corner_shift"]
+        corners = torch.tensor(_CORNERS, device=scale.device, dtype=scale.dtype).expand(scale.shape[0], -1, -1)
+        moved = scale[:, None, None] * corners + corner_shift / _PIXELS_PER_UNIT
+        to_pixels = torch.diag(scale.new_tensor([_PIXELS_PER_UNIT, _PIXELS_PER_UNIT, 1.0]))
+        return {"homography": to_pixels @ _homography(moved, corners)}
+    scale, point_shift = params["scale"], params["point_shift"]
+    target = _elastic_points().to(device=scale.device, dtype=scale.dtype)
+    source = (target - point_shift / _PIXELS_PER_UNIT) / scale[:, None, None]
+    return {"tps_source": source * _PIXELS_PER_UNIT, "tps_target": target.expand_as(source).clone()}

@@ -8,11 +8,18 @@ when the datamodule is passed to the trainer (``trainer.fit(model, datamodule=dm
 
 Validation and test images are distorted once, at :meth:`~MNISTDataModule.setup`, on the CPU from
 ``eval_seed`` (see :func:`stn.data.distortions.distort_dataset`), and kept as float32 tensors: every run
-and every model is scored on identical images.
+and every model is scored on identical images. Their batches carry a third entry, each image's digit
+map (:func:`stn.data.distortions.digit_map`), so the model can measure how much of the distortion its
+transformer undoes (:mod:`stn.pose`).
+
+``clean_epochs`` and ``growth_epochs`` make a curriculum: training digits stay undistorted for
+``clean_epochs`` epochs, then the distortion grows linearly, step by step, from none to full strength
+over ``growth_epochs`` epochs. Evaluation images are always at full strength.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -21,7 +28,15 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from stn.data.distortions import check_distortion, distort, distort_dataset, generator_seed, output_size
+from stn.data.distortions import (
+    check_distortion,
+    dataset_params,
+    digit_map,
+    distort,
+    distort_dataset,
+    generator_seed,
+    output_size,
+)
 from stn.data.mnist_files import download, read_split, resolve_root
 
 __all__ = ["MNISTDataModule", "TensorPairs", "EpochRandomSampler"]
@@ -36,22 +51,29 @@ class TensorPairs(Dataset):
     Args:
         images: ``(N, C, H, W)``.
         labels: ``(N,)`` int64.
+        extras: optional per-image tensors ``{name: (N, ...)}`` (e.g. the digit map); when given,
+            items and batches are ``(image, label, {name: value})``.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor):
+    def __init__(self, images: Tensor, labels: Tensor, extras: dict[str, Tensor] | None = None):
         self.images = images
         self.labels = labels
+        self.extras = dict(extras or {})
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
+    def _pick(self, index: int | Tensor) -> tuple:
+        if not self.extras:
+            return self.images[index], self.labels[index]
+        return self.images[index], self.labels[index], {name: value[index] for name, value in self.extras.items()}
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        """``(B, C, H, W)`` images and ``(B,)`` labels; the DataLoader passes them through unchanged."""
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+    def __getitem__(self, index: int) -> tuple:
+        return self._pick(index)
+
+    def __getitems__(self, indices: list[int]) -> tuple:
+        """``(B, C, H, W)`` images, ``(B,)`` labels (and the extras); the DataLoader passes them unchanged."""
+        return self._pick(torch.as_tensor(indices))
 
 
 def _keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -80,6 +102,15 @@ class EpochRandomSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
+def _check_epochs(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"data.{name} must be a number of epochs >= 0, got {value!r}. Set e.g. data.{name}=0 to switch "
+            "this part of the curriculum off."
+        )
+    return float(value)
+
+
 def _check_count(name: str, value: int, minimum: int, meaning: str, example: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"data.{name} must be an integer >= {minimum} ({meaning}), got {value!r}. Set e.g. data.{name}={example}.")
@@ -101,9 +132,14 @@ class MNISTDataModule(LightningDataModule):
         eval_seed: the validation split and the validation/test distortions. Keep it fixed (default 0)
             so that runs with different ``seed`` are scored on the same images.
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+        clean_epochs: epochs of undistorted training digits before the distortion starts (a
+            curriculum the paper's models did not have; 0: none).
+        growth_epochs: epochs over which the training distortion then grows linearly from none to
+            full strength (0: full strength at once).
 
     Batches are ``(images, labels)``: images float32 ``(B, 1, H, W)`` in [0, 1] with ``(H, W)`` =
-    :attr:`image_size`, labels int64 ``(B,)``. Training batches are uint8 ``(B, 1, 28, 28)`` until
+    :attr:`image_size`, labels int64 ``(B,)``; validation/test batches add the digit map of each image
+    (a dict of tensors, empty for ``none`` and then left out). Training batches are uint8 ``(B, 1, 28, 28)`` until
     :meth:`on_after_batch_transfer` distorts them (outside a Trainer use :meth:`distort`).
     """
 
@@ -119,6 +155,8 @@ class MNISTDataModule(LightningDataModule):
         seed: int = 0,
         eval_seed: int = 0,
         pin_memory: bool = False,
+        clean_epochs: float = 0.0,
+        growth_epochs: float = 0.0,
     ):
         super().__init__()
         self.root = resolve_root(root)
@@ -129,6 +167,9 @@ class MNISTDataModule(LightningDataModule):
         self.seed = _check_count("seed", seed, 0, "the seed of shuffling and training distortions", 0)
         self.eval_seed = _check_count("eval_seed", eval_seed, 0, "the seed of the validation split and eval distortions", 0)
         self.pin_memory = bool(pin_memory)
+        self.clean_epochs = _check_epochs("clean_epochs", clean_epochs)
+        self.growth_epochs = _check_epochs("growth_epochs", growth_epochs)
+        self._batch_in_epoch = 0
         self.train_set: TensorPairs | None = None
         self.val_set: TensorPairs | None = None
         self.test_set: TensorPairs | None = None
@@ -157,12 +198,17 @@ class MNISTDataModule(LightningDataModule):
             order = torch.randperm(labels.shape[0], generator=split)
             val, train = order[: self.val_size], order[self.val_size :]
             self.train_set = TensorPairs(images[train], labels[train])
-            val_images = distort_dataset(images[val], self.distortion, generator_seed(_VAL_STREAM, self.eval_seed))
-            self.val_set = TensorPairs(val_images, labels[val])
+            self.val_set = self._eval_set(images[val], labels[val], generator_seed(_VAL_STREAM, self.eval_seed))
         if stage in (None, "test", "predict") and self.test_set is None:
             images, labels = read_split(self.root, train=False)
-            test_images = distort_dataset(images, self.distortion, generator_seed(_TEST_STREAM, self.eval_seed))
-            self.test_set = TensorPairs(test_images, labels)
+            self.test_set = self._eval_set(images, labels, generator_seed(_TEST_STREAM, self.eval_seed))
+
+    def _eval_set(self, images: Tensor, labels: Tensor, seed: int) -> TensorPairs:
+        """Images distorted once from ``seed``, with each image's digit map (float32) as extras."""
+        distorted = distort_dataset(images, self.distortion, seed)
+        params = dataset_params(self.distortion, images.shape[0], seed)
+        maps = {name: value.float() for name, value in digit_map(self.distortion, params).items()}
+        return TensorPairs(distorted, labels, maps)
 
     @staticmethod
     def _loaded(dataset: TensorPairs | None, split: str) -> TensorPairs:
@@ -202,16 +248,25 @@ class MNISTDataModule(LightningDataModule):
         """
         return torch.Generator(device=device).manual_seed(generator_seed(_TRAIN_STREAM, self.seed, epoch, rank))
 
-    def distort(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def strength(self, progress: float) -> float:
+        """Training distortion strength in [0, 1] after ``progress`` epochs (fractional) of training."""
+        if progress < self.clean_epochs:
+            return 0.0
+        if self.growth_epochs == 0:
+            return 1.0
+        return min(1.0, (progress - self.clean_epochs) / self.growth_epochs)
+
+    def distort(self, images: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
         """Distort a batch of raw digits with this datamodule's distortion.
 
         Args:
             images: ``(B, 1, 28, 28)`` uint8 in [0, 255] or float in [0, 1], on ``generator.device``.
+            strength: in [0, 1], how much of the distortion to apply.
 
         Returns:
             ``(B, 1, H, W)`` float32 in [0, 1], ``(H, W)`` = :attr:`image_size`.
         """
-        return distort(images, self.distortion, generator)
+        return distort(images, self.distortion, generator, strength)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Distort training batches on the model's device; validation/test batches pass unchanged."""
@@ -222,4 +277,8 @@ class MNISTDataModule(LightningDataModule):
         if self._generator_key != key:
             self._generator = self.training_generator(*key)
             self._generator_key = key
-        return self.distort(images, self._generator), labels
+            self._batch_in_epoch = 0
+        progress = self._batch_in_epoch / max(1, self.trainer.num_training_batches)
+        strength = self.strength(self.trainer.current_epoch + progress)
+        self._batch_in_epoch += 1
+        return self.distort(images, self._generator, strength), labels

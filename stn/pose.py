@@ -1,0 +1,136 @@
+"""How much of a distortion a spatial transformer leaves: compose, fit a similarity, measure the spread.
+
+A transformer's sampling grid maps every output pixel to a position of the distorted image; the data
+module's digit map (:func:`stn.data.distortions.digit_map`) maps that position back to the upright
+digit. Composed, they say where each output pixel reads the original digit. Per image,
+:func:`fit_similarity` fits the similarity ``q = s R(angle) p + t`` to that map (least squares over the
+output pixels); :class:`PoseSpread` accumulates, over an evaluation set, the spread of the fitted
+angle (circular standard deviation, degrees), log-scale (standard deviation) and shift (rms distance
+from the mean shift, digit pixels), and the non-similar residual (rms distance between the map and its
+best similarity, digit pixels).
+
+A transformer that brings every digit into one pose leaves no spread; the identity transformer leaves
+the spread the distortion put in. :func:`pose_report` gives both and their ratio (``*_left``: 1 = the
+identity, 0 = every image in the same pose).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from stn.tps import warp_points
+
+__all__ = ["to_digit", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD"]
+
+SPREADS = ("angle", "log_scale", "shift", "residual")
+"""The measured spreads, in degrees, natural-log units, digit pixels and digit pixels."""
+
+MIN_SPREAD = {"angle": 0.5, "log_scale": 0.005, "shift": 0.05, "residual": 0.05}
+"""Below this identity spread a distortion has none of that kind, and no ratio is reported."""
+
+
+def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
+    """Positions ``(N, P, 2)`` of the distorted images -> where they show the upright digit ``(N, P, 2)``.
+
+    Args:
+        points: normalised xy of the distorted image (``grid_sample`` frame).
+        digit_map: ``{"homography": (N, 3, 3)}`` or ``{"tps_source", "tps_target": (N, T, 2)}``, as
+            :func:`stn.data.distortions.digit_map` returns.
+
+    Returns:
+        digit pixels from the digit's centre.
+    """
+    if "homography" in digit_map:
+        h = digit_map["homography"].to(points.dtype)
+        mapped = points @ h[:, :2, :2].transpose(1, 2) + h[:, None, :2, 2]
+        depth = points @ h[:, 2:, :2].transpose(1, 2) + h[:, None, 2:, 2]
+        return mapped / depth
+    target = digit_map["tps_target"][0]
+    return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
+
+
+def fit_similarity(points: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Least-squares similarity ``targets ~ scale * R(angle) @ points + shift`` per image.
+
+    Args:
+        points: ``(N, P, 2)`` or ``(P, 2)`` positions it maps from.
+        targets: ``(N, P, 2)`` positions it maps to.
+
+    Returns:
+        ``angle`` ``(N,)`` radians, ``log_scale`` ``(N,)``, ``shift`` ``(N, 2)`` (where the origin of
+        ``points`` lands) and ``residual`` ``(N,)``: rms distance between ``targets`` and the fit.
+    """
+    points = points.expand_as(targets)
+    p = torch.complex(points[..., 0], points[..., 1])
+    q = torch.complex(targets[..., 0], targets[..., 1])
+    p_mean, q_mean = p.mean(1, keepdim=True), q.mean(1, keepdim=True)
+    pc, qc = p - p_mean, q - q_mean
+    a = (qc * pc.conj()).sum(1) / pc.abs().square().sum(1)
+    b = q_mean[:, 0] - a * p_mean[:, 0]
+    residual = (q - (a[:, None] * p + b[:, None])).abs().square().mean(1).sqrt()
+    return {
+        "angle": a.angle(),
+        "log_scale": a.abs().log(),
+        "shift": torch.stack([b.real, b.imag], dim=-1),
+        "residual": residual,
+    }
+
+
+class PoseSpread(Metric):
+    """Spread over a set of images of the similarities :func:`fit_similarity` returns.
+
+    ``update(fit)`` adds a batch; ``compute()`` returns ``{"angle": degrees, "log_scale", "shift":
+    digit pixels, "residual": digit pixels}``. The states are sums, so DDP ranks reduce exactly.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("count", "cos", "sin", "log", "log_sq", "shift_sq", "residual_sq"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("shift", default=torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, fit: dict[str, Tensor]) -> None:
+        angle, log_scale = fit["angle"].double(), fit["log_scale"].double()
+        shift, residual = fit["shift"].double(), fit["residual"].double()
+        self.count += angle.numel()
+        self.cos += angle.cos().sum()
+        self.sin += angle.sin().sum()
+        self.log += log_scale.sum()
+        self.log_sq += log_scale.square().sum()
+        self.shift += shift.sum(0)
+        self.shift_sq += shift.square().sum()
+        self.residual_sq += residual.square().sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        count = self.count.clamp_min(1)
+        length = torch.hypot(self.cos, self.sin) / count
+        mean_log = self.log / count
+        mean_shift = self.shift / count
+        return {
+            "angle": torch.rad2deg(torch.sqrt(-2 * length.clamp(1e-12, 1.0).log())),
+            "log_scale": (self.log_sq / count - mean_log.square()).clamp_min(0).sqrt(),
+            "shift": (self.shift_sq / count - mean_shift.square().sum()).clamp_min(0).sqrt(),
+            "residual": (self.residual_sq / count).sqrt(),
+        }
+
+
+def pose_report(after: dict[str, Tensor], identity: dict[str, Tensor]) -> dict[str, float]:
+    """Scalars ``<spread>`` (after the transformer), ``<spread>_identity`` and ``<spread>_left`` (ratio).
+
+    A ratio is left out where the identity spread is below :data:`MIN_SPREAD` (e.g. shift on ``r``,
+    whose digits all stay centred), since there is nothing to undo.
+    """
+    report = {}
+    for name in SPREADS:
+        value, reference = float(after[name]), float(identity[name])
+        report[name] = value
+        report[f"{name}_identity"] = reference
+        if math.isfinite(reference) and reference >= MIN_SPREAD[name]:
+            report[f"{name}_left"] = value / reference
+    return report
