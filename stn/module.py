@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -13,11 +14,14 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from stn.classifier import CNNClassifier
-from stn.tps import bending_energy
+from stn.pose import PoseSpread, fit_similarity, pose_report, to_digit
 from stn.transformer import SpatialTransformer
-from stn.viz import draw_mesh, draw_points, image_grid
+from stn.health import loc_net_health
+from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULERS = ("onecycle", "cosine", "none")
@@ -26,8 +30,16 @@ SCHEDULERS = ("onecycle", "cosine", "none")
 class STNClassifier(L.LightningModule):
     """Classify images through a spatial transformer: ``logits = classifier(transformer(x))``.
 
+    At validation and test, when the batches carry each image's digit map (the MNIST data module's
+    do), it also measures how much of the distortion the transformer leaves (:mod:`stn.pose`):
+    ``val/pose/angle``, ``.../angle_identity``, ``.../angle_left`` and the same for ``log_scale``,
+    ``shift`` and ``residual``. Once per validation it logs the loc-nets' health on the first
+    validation batch: the spread of each stage's predicted parameters (``loc/stage<k>/param_std``) and
+    the share of its head's hidden units that are dead on every image (``loc/stage<k>/dead_units``).
+
     Args:
-        transform: ``"tps"``, ``"affine"`` or ``"none"`` (the classifier alone).
+        transform: ``"tps"``, ``"affine"``, ``"similarity"``, a list of them composed in order (e.g.
+            ``["similarity", "tps"]``), or ``"none"`` (the classifier alone).
         num_classes: number of classes.
         in_channels: image channels.
         output_size: ``(H', W')`` of the warped image the classifier reads; ``None``: input size.
@@ -83,13 +95,16 @@ class STNClassifier(L.LightningModule):
         self.test_loss = MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run knows its best
-        self._log_batch: Tensor | None = None
+        self.pose = torch.nn.ModuleDict({
+            f"{split}_{which}": PoseSpread() for split in ("val", "test") for which in ("after", "identity")
+        })
+        self._first_val_batch: Tensor | None = None
 
     @property
     def pretrained(self) -> bool:
-        """Whether the loc-net backbone started from pretrained weights."""
-        loc_net = self.transformer.loc_net
-        return bool(loc_net is not None and loc_net.pretrained)
+        """Whether every loc-net backbone started from pretrained weights (``False`` without a loc-net)."""
+        loc_nets = self.transformer.loc_nets
+        return bool(loc_nets) and all(loc_net.pretrained for loc_net in loc_nets)
 
     def forward(self, images: Tensor) -> Tensor:
         """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
@@ -99,17 +114,19 @@ class STNClassifier(L.LightningModule):
         """Class logits ``(N, num_classes)`` for warped images ``(N, C, H', W')``."""
         return self.classifier(warped.contiguous(memory_format=self.memory_format))
 
-    def _step(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _step(self, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Logits, every stage's parameters and the sampling grid ``(N, H', W', 2)``."""
         params = self.transformer.localize(images)
-        warped = self.transformer.sample(images, self.transformer.grid(params, images))
-        return self.classify(warped), params
+        grid = self.transformer.grid(params, images)
+        return self.classify(self.transformer.sample(images, grid)), params, grid
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        logits, params = self._step(images)
+        logits, params, _ = self._step(images)
         loss = F.cross_entropy(logits, labels)
-        if self.bending_weight and self.transformer.transform == "tps":
-            bending = bending_energy(params, self.transformer.target_points).mean()
+        bending = self.transformer.bending(params) if self.bending_weight else None
+        if bending is not None:
+            bending = bending.mean()
             self.log("train/bending", bending, on_step=True, on_epoch=False)
             loss = loss + self.bending_weight * bending
         self._check_finite(loss)
@@ -121,9 +138,9 @@ class STNClassifier(L.LightningModule):
     def _check_finite(self, loss: Tensor) -> None:
         if torch.isfinite(loss):
             return
-        loc_net = self.transformer.loc_net
+        loc_nets = self.transformer.loc_nets
         lr = self.optimizer_config.get("lr")
-        lr_mult = None if loc_net is None else loc_net.lr_mult
+        lr_mult = loc_nets[0].lr_mult if loc_nets else None
         raise FloatingPointError(
             f"The training loss is {loss.item()} at epoch {self.current_epoch}, step "
             f"{self.global_step}. The usual cause is a localization network that moves too fast: its "
@@ -132,16 +149,36 @@ class STNClassifier(L.LightningModule):
             "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0."
         )
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
-        images, labels = batch
-        logits = self(images)
+    def _eval_step(self, batch: tuple, split: str, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
+        images, labels, *extras = batch
+        logits, _, grid = self._step(images)
         mean_loss(F.cross_entropy(logits, labels), weight=labels.numel())
         acc(logits, labels)
+        if extras and extras[0]:
+            self._update_pose(images, grid, extras[0], split)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def _update_pose(self, images: Tensor, grid: Tensor, digit_map: dict[str, Tensor], split: str) -> None:
+        """Fit the similarity from output pixels to the upright digit, after the transformer and for the identity."""
+        batch, height, width = grid.shape[:3]
+        identity = self.transformer.compose([], (height, width), images)
+        output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
+        for which, sampled in (("after", grid), ("identity", identity)):
+            digit = to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
+            self.pose[f"{split}_{which}"].update(fit_similarity(output.float(), digit))
+
+    def _log_pose(self, split: str) -> None:
+        after, identity = self.pose[f"{split}_after"], self.pose[f"{split}_identity"]
+        if int(after.count) == 0:
+            return
+        for name, value in pose_report(after.compute(), identity.compute()).items():
+            self.log(f"{split}/pose/{name}", value)
+        after.reset()
+        identity.reset()
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
         if batch_idx == 0:
-            self._log_batch = batch[0][: self.hparams.num_log_images].detach()
-        self._eval_step(batch, self.val_acc, self.val_loss)
+            self._first_val_batch = batch[0].detach()
+        self._eval_step(batch, "val", self.val_acc, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -149,13 +186,15 @@ class STNClassifier(L.LightningModule):
         self.log("val/acc", acc, prog_bar=True)
         self.val_acc.reset()
         self.val_loss.reset()
-        if not self.trainer.sanity_checking:
+        self._log_pose("val")
+        if not self.trainer.sanity_checking and self._first_val_batch is not None:
             self.val_acc_best(acc)
             self.log("val/acc_best", self.val_acc_best.compute())
-            self._log_images()
+            self._log_loc_net_health(self._first_val_batch)
+            self._log_images(self._first_val_batch[: self.hparams.num_log_images])
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, self.test_loss)
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
         acc = self.test_acc.compute()
@@ -164,35 +203,37 @@ class STNClassifier(L.LightningModule):
         self.log("test/error", 100.0 * (1.0 - acc))
         self.test_acc.reset()
         self.test_loss.reset()
+        self._log_pose("test")
 
-    def _log_images(self) -> None:
+    @torch.no_grad()
+    def _log_loc_net_health(self, images: Tensor) -> None:
+        """``loc/stage<k>/param_std`` and ``loc/stage<k>/dead_units`` on ``images``; warns on a collapse."""
+        for index, health in enumerate(loc_net_health(self.transformer, images), start=1):
+            for name, value in health.items():
+                self.log(f"loc/stage{index}/{name}", value)
+            if health.get("dead_units", 0.0) == 1.0:
+                log.warning(
+                    "Every hidden unit of the loc-net head of stage %d is dead (zero on every validation image): "
+                    "it predicts one transform for all images and cannot learn any more. Lower "
+                    "model.loc_net.lr_mult (now %s) or model.optimizer.lr, or set model.loc_net.hidden=0.",
+                    index, self.transformer.loc_nets[index - 1].lr_mult,
+                )
+
+    def _log_images(self, images: Tensor) -> None:
         every = self.hparams.log_images_every_n_epochs
         writer = getattr(self.logger, "experiment", None)
-        if not every or self._log_batch is None or not hasattr(writer, "add_image"):
+        if not every or not hasattr(writer, "add_image"):
             return
         last_epoch = self.current_epoch + 1 == self.trainer.max_epochs
         if (self.current_epoch + 1) % every and not last_epoch:
             return
-        for tag, image in self.visualize(self._log_batch).items():
+        for tag, image in self.visualize(images).items():
             writer.add_image(f"images/{tag}", image, global_step=self.global_step)
 
     @torch.no_grad()
     def visualize(self, images: Tensor) -> dict[str, Tensor]:
-        """Image grids ``(3, H, W)`` in ``[0, 1]`` for images ``(N, C, H, W)``.
-
-        Keys: ``input``, ``warped``, ``control_points`` (the target-point layout where the
-        transform reads it, on the input) and ``mesh`` (the deformed sampling grid on the input).
-        """
-        transformer = self.transformer
-        params = transformer.localize(images)
-        grid = transformer.grid(params, images)
-        points = transformer.control_points(params, images.shape[0])
-        return {
-            "input": image_grid(images),
-            "warped": image_grid(transformer.sample(images, grid)),
-            "control_points": image_grid(draw_points(images, points, transformer.align_corners)),
-            "mesh": image_grid(draw_mesh(images, grid, transformer.align_corners)),
-        }
+        """TensorBoard panels for images ``(N, C, H, W)``: see :func:`stn.viz.transformer_panels`."""
+        return transformer_panels(self.transformer, images)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.param_groups()
@@ -212,14 +253,15 @@ class STNClassifier(L.LightningModule):
         """
         lr = float(self.optimizer_config["lr"])
         groups = [{"name": "classifier", "params": list(self.classifier.parameters()), "lr": lr}]
-        loc_net = self.transformer.loc_net
-        if loc_net is not None:
-            groups.append({"name": "loc_head", "params": list(loc_net.head.parameters()),
-                           "lr": lr * loc_net.lr_mult, "weight_decay": 0.0})
-            backbone = [p for p in loc_net.backbone.parameters() if p.requires_grad]
+        loc_nets = self.transformer.loc_nets
+        if loc_nets:
+            first = loc_nets[0]
+            heads = [p for loc_net in loc_nets for p in loc_net.head.parameters()]
+            groups.append({"name": "loc_head", "params": heads, "lr": lr * first.lr_mult, "weight_decay": 0.0})
+            backbone = [p for loc_net in loc_nets for p in loc_net.backbone.parameters() if p.requires_grad]
             if backbone:
                 groups.append({"name": "loc_backbone", "params": backbone,
-                               "lr": lr * loc_net.lr_mult * loc_net.backbone_lr_mult})
+                               "lr": lr * first.lr_mult * first.backbone_lr_mult})
         return groups
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -244,8 +286,8 @@ class STNClassifier(L.LightningModule):
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
-        if model.transformer.loc_net is not None:
-            model.transformer.loc_net.pretrained = bool(checkpoint.get("pretrained", False))
+        for loc_net in model.transformer.loc_nets:
+            loc_net.pretrained = bool(checkpoint.get("pretrained", False))
         return model
 
 

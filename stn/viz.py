@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 from torchvision.utils import draw_keypoints, make_grid
 
-__all__ = ["image_grid", "draw_points", "draw_mesh", "to_pixels"]
+from stn.transformer import SpatialTransformer
+
+__all__ = ["image_grid", "draw_points", "draw_mesh", "to_pixels", "upscale", "transformer_panels"]
 
 
 def image_grid(images: Tensor, nrow: int = 8) -> Tensor:
@@ -34,6 +36,11 @@ def to_pixels(points: Tensor, size: tuple[int, int], align_corners: bool, scale:
     else:
         pixels = ((points + 1) * extent - 1) / 2
     return pixels * scale + (scale - 1) / 2
+
+
+def upscale(images: Tensor, scale: int = 4) -> Tensor:
+    """``(N, C, H, W)`` floats in [0, 1] -> nearest-neighbour upscaled ``(N, 3, H*scale, W*scale)`` uint8."""
+    return _canvas(images, scale)
 
 
 def _canvas(images: Tensor, scale: int) -> Tensor:
@@ -83,3 +90,22 @@ def draw_mesh(
         draw_keypoints(image, keypoints[None], connectivity=edges, colors=color, radius=1, width=1)
         for image, keypoints in zip(canvas, pixels)
     ])
+
+
+@torch.no_grad()
+def transformer_panels(transformer: SpatialTransformer, images: Tensor, scale: int = 4) -> dict[str, Tensor]:
+    """What a transformer does to images ``(N, C, H, W)``, as TensorBoard grids ``(3, H', W')`` in [0, 1].
+
+    Keys: ``input``, ``warped`` (both upscaled ``scale`` x), ``control_points`` (the target-point layout
+    where the transform reads it, on the input) and ``mesh`` (the deformed sampling grid on the input).
+    """
+    params = transformer.localize(images)
+    grid = transformer.grid(params, images)
+    points = transformer.control_points(params, images.shape[0])
+    align_corners = transformer.align_corners
+    return {
+        "input": image_grid(upscale(images, scale)),
+        "warped": image_grid(upscale(transformer.sample(images, grid), scale)),
+        "control_points": image_grid(draw_points(images, points, align_corners, scale)),
+        "mesh": image_grid(draw_mesh(images, grid, align_corners, scale=scale)),
+    }
