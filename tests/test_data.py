@@ -25,6 +25,7 @@ from torchvision.datasets import MNIST
 
 from stn.data import MNISTDataModule, MNISTFilesError
 from stn.data import distortions as D
+from stn.data.mnist import _TEST_STREAM
 from stn.data.mnist_files import MNIST_FILES, REPO_ROOT
 
 
@@ -545,3 +546,74 @@ def test_preview_script_writes_the_png_of_what_the_model_sees(tmp_path):
     for column in range(4):
         left = panel + 8 + 2 + column * 44
         assert torch.equal(picture[0, 2 : 2 + 42, left : left + 42], expected[column])
+
+
+# ---------------------------------------------------------------- curriculum, eval digit maps
+
+
+@pytest.mark.parametrize("name", ["r", "rts", "p", "e"])
+def test_strength_scales_the_same_draws_towards_no_distortion(name):
+    full = D.sample_params(name, 64, torch.Generator().manual_seed(4), torch.float64)
+    half = D.sample_params(name, 64, torch.Generator().manual_seed(4), torch.float64, strength=0.5)
+    none = D.sample_params(name, 64, torch.Generator().manual_seed(4), torch.float64, strength=0.0)
+    for key, value in full.items():
+        if key == "scale":
+            torch.testing.assert_close(half[key], value.sqrt())
+            torch.testing.assert_close(none[key], torch.ones_like(value))
+        elif key != "shift" and not (name == "p" and key == "corner_shift"):  # p redraws folded quads at full strength
+            torch.testing.assert_close(half[key], 0.5 * value)
+            torch.testing.assert_close(none[key], torch.zeros_like(value))
+    digits = torch.rand(64, 1, 28, 28, dtype=torch.float64)
+    undistorted = D.distort(digits, name, torch.Generator().manual_seed(4), strength=0.0)
+    if name == "rts":  # the undistorted digit, upright and centred on the 42x42 canvas
+        torch.testing.assert_close(undistorted[..., 7:35, 7:35], digits, atol=1e-12, rtol=0)
+        assert undistorted[..., :7, :].abs().max() == 0
+    else:
+        torch.testing.assert_close(undistorted, digits, atol=1e-12, rtol=0)
+
+
+def test_curriculum_strength_per_epoch_and_bad_settings():
+    datamodule = MNISTDataModule(root="/nonexistent", distortion="rts", clean_epochs=1, growth_epochs=4)
+    assert [datamodule.strength(p) for p in (0.0, 0.99, 1.0, 2.0, 3.0, 5.0, 9.0)] == [0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert MNISTDataModule(root="/nonexistent").strength(0.0) == 1.0
+    with pytest.raises(ValueError, match=r"data.growth_epochs must be a number of epochs >= 0"):
+        MNISTDataModule(root="/nonexistent", growth_epochs=-1)
+
+
+def test_trainer_grows_the_training_distortion_step_by_step(tmp_path):
+    write_fake_mnist(tmp_path)
+    datamodule = MNISTDataModule(root=tmp_path, distortion="r", batch_size=32, val_size=50, seed=11, growth_epochs=2)
+    model = Recorder()
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    loader = datamodule.train_dataloader()
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        draws = datamodule.training_generator(epoch)
+        raw = [images for images, _ in loader][:4]
+        for batch, ((_, seen), images) in enumerate(zip(model.train_batches[4 * epoch : 4 * epoch + 4], raw)):
+            strength = (epoch + batch / 4) / 2  # linear from 0 at the first step to 7/8 at the last
+            assert torch.equal(seen, datamodule.distort(images, draws, strength))
+
+
+def test_eval_batches_carry_the_digit_map_of_each_image(tmp_path):
+    write_fake_mnist(tmp_path)
+    datamodule = MNISTDataModule(root=tmp_path, distortion="rts", batch_size=32, val_size=50)
+    datamodule.setup()
+    images, labels, maps = next(iter(datamodule.test_dataloader()))
+    assert images.shape == (32, 1, 42, 42) and set(maps) == {"homography"} and maps["homography"].shape == (32, 3, 3)
+    seed = D.generator_seed(_TEST_STREAM, 0)
+    params = D.dataset_params("rts", 100, seed)
+    torch.testing.assert_close(maps["homography"], D.digit_map("rts", params)["homography"][:32].float())
+    # the map belongs to the stored images: they are the raw digits warped with those parameters
+    raw = torch.from_numpy(read_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").copy())[:32, None]
+    expected = D.warp(raw.double() / 255, "rts", {key: value[:32] for key, value in params.items()}).float()
+    torch.testing.assert_close(images, expected)
+    assert len(next(iter(datamodule.train_dataloader()))) == 2  # training batches stay (images, labels)
+    plain = MNISTDataModule(root=tmp_path, val_size=50, distortion="none")
+    plain.setup("test")
+    assert len(next(iter(plain.test_dataloader()))) == 2  # no distortion, no digit map

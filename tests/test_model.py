@@ -7,6 +7,7 @@ the tests save themselves, and torchvision's own file naming for the hub cache.
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.error
 
@@ -17,6 +18,7 @@ import torchvision
 from torchvision.models import ResNet18_Weights
 
 from stn.classifier import CNNClassifier
+from stn.health import loc_net_health
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import bending_energy, grid_points, tps_warp
@@ -332,3 +334,112 @@ def test_visualize_gives_the_four_tensorboard_images():
     torch.testing.assert_close(shown["input"], image_grid(upscaled), atol=0.5 / 255 + 1e-6, rtol=0)
     torch.testing.assert_close(shown["warped"], shown["input"], atol=1.5 / 255, rtol=0)
     assert shown["mesh"].shape == shown["control_points"].shape == (3, 4 * 42 + 4, 4 * 4 * 42 + 10)
+
+
+# ---------------------------------------------------------------- stages, similarity, flat classifier
+
+
+def _perturb(stn: SpatialTransformer, seed: int = 0) -> None:
+    """Give every stage's head a random non-identity bias, so each stage predicts a real warp."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for loc_net in stn.loc_nets:
+            bias = loc_net.head[-1].bias
+            bias.add_(0.1 * torch.randn(bias.shape, generator=generator))
+
+
+def test_similarity_theta_is_a_rotation_scale_and_shift():
+    stn = SpatialTransformer("similarity", loc_net=CHEAP)
+    params = torch.tensor([[math.radians(30.0), math.log(0.8), 0.1, -0.2]])
+    theta = stn.stages[0].theta(params)
+    c, s = 0.8 * math.cos(math.radians(30.0)), 0.8 * math.sin(math.radians(30.0))
+    torch.testing.assert_close(theta, torch.tensor([[[c, -s, 0.1], [s, c, -0.2]]]))
+
+
+def test_composed_stages_equal_warping_the_first_stage_view_and_resample_once():
+    """similarity then TPS: the TPS loc-net reads the similarity's view, and the composed grid is the
+    similarity applied to the TPS grid (checked against a warp of a warp on a smooth image)."""
+    stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28))
+    _perturb(stn)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 42), torch.linspace(-1, 1, 42), indexing="ij")
+    x = (0.5 + 0.5 * torch.sin(3 * xx) * torch.cos(2 * yy)).expand(2, 1, 42, 42).contiguous()
+    similarity_params, source_points = stn.localize(x)
+    theta = stn.stages[0].theta(similarity_params)
+    # the TPS loc-net saw the similarity's view, sampled at its own 16x16 view size
+    view = F.grid_sample(x, F.affine_grid(theta, [2, 1, 16, 16], align_corners=False), align_corners=False)
+    torch.testing.assert_close(source_points, stn.loc_nets[1](view))
+    # one grid: theta applied to the TPS grid, which is the TPS of the theta-mapped source points
+    composed = stn.grid([similarity_params, source_points], x)
+    mapped_sources = source_points @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+    expected = stn.stages[1].grid_gen(mapped_sources, size=(28, 28))
+    torch.testing.assert_close(composed, expected, atol=1e-5, rtol=0)
+    # the single resample agrees with a warp of the similarity's fine view, wherever the TPS reads inside
+    # that view (outside it the warp of a warp reads padding, the single resample the real input)
+    first = F.grid_sample(x, F.affine_grid(theta, [2, 1, 200, 200], align_corners=False), align_corners=False)
+    tps_grid = stn.stages[1].grid_gen(source_points, size=(28, 28))
+    twice = F.grid_sample(first, tps_grid, align_corners=False)
+    inside = (tps_grid.abs() < 0.98).all(-1)[:, None]
+    assert inside.float().mean() > 0.8
+    torch.testing.assert_close(stn(x)[inside], twice[inside], atol=0.02, rtol=0)
+
+
+def test_control_points_of_a_chain_are_the_layout_mapped_through_every_stage():
+    stn = SpatialTransformer(["affine", "tps"], loc_net=CHEAP, rows=3, cols=3)
+    _perturb(stn, seed=1)
+    x = images(2)
+    theta, source_points = stn.localize(x)
+    expected = source_points @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+    torch.testing.assert_close(stn.control_points([theta, source_points], 2), expected, atol=1e-5, rtol=0)
+
+
+def test_untrained_chain_is_the_identity_and_has_one_loc_net_per_stage():
+    stn = SpatialTransformer(["similarity", "similarity", "tps"], loc_net=CHEAP)
+    x = images()
+    torch.testing.assert_close(stn(x), x, atol=1e-5, rtol=0)
+    assert len(stn.loc_nets) == 3 and stn.transform == "similarity+similarity+tps"
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP)
+    heads = next(group for group in model.param_groups() if group["name"] == "loc_head")["params"]
+    assert len(heads) == 2 * 4  # two heads, two linear layers each
+
+
+def test_bending_energy_sums_the_tps_stages():
+    stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP)
+    _perturb(stn)
+    params = stn.localize(images(2))
+    torch.testing.assert_close(stn.bending(params), bending_energy(params[1], stn.target_points))
+    assert SpatialTransformer("affine", loc_net=CHEAP).bending([torch.eye(2, 3)[None]]) is None
+
+
+@pytest.mark.parametrize("transform", [["none", "tps"], [], ["tps", "projective"]])
+def test_bad_chains_are_refused(transform):
+    with pytest.raises(ValueError, match=r"model.transform=\[similarity,tps\]"):
+        SpatialTransformer(transform)
+
+
+@pytest.mark.parametrize("size", [28, 42])
+def test_flat_classifier_reads_positions_and_takes_any_size(size):
+    torch.manual_seed(0)
+    net = CNNClassifier(pool="flat").eval()
+    x = torch.zeros(1, 1, size, size)
+    x[..., 12:16, 12:16] = 1.0
+    moved = torch.roll(x, shifts=(-8, -8), dims=(2, 3))  # a shift of whole pooling cells, away from the border
+    assert net(x).shape == (1, 10)
+    assert not torch.allclose(net(x), net(moved), atol=1e-4)  # where the blob is changes the logits
+    with pytest.raises(ValueError, match=r"model.classifier.pool"):
+        CNNClassifier(pool="max")
+
+
+def test_loc_net_health_finds_dead_units_and_constant_predictions():
+    stn = SpatialTransformer("similarity", loc_net=CHEAP)
+    x = images(8)
+    assert loc_net_health(stn, x)[0]["param_std"] == 0.0  # the identity start: one transform for all
+    head = stn.loc_nets[0].head
+    with torch.no_grad():
+        head[0].bias.fill_(-1e3)  # every hidden ReLU off on every image
+    assert loc_net_health(stn, x)[0]["dead_units"] == 1.0
+    _perturb(stn)
+    with torch.no_grad():
+        head[0].bias.zero_()
+        head[-1].weight.normal_()
+    health = loc_net_health(stn, x)[0]
+    assert health["param_std"] > 0 and health["dead_units"] < 1.0

@@ -1,0 +1,157 @@
+"""The pose measure against closed forms.
+
+- Every digit map reproduces the positions the distortion's own sampling grid reads.
+- For the identity transformer the fitted similarity of each image is the inverse of its drawn
+  distortion, so the spreads equal spreads computed straight from the drawn parameters (numpy).
+- A transformer handed the exact inverse of each image's distortion brings every digit into one pose:
+  every spread is ~0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stn.data.distortions import (
+    dataset_params,
+    digit_map,
+    elastic_grid,
+    output_size,
+    projective_grid,
+    similarity_grid,
+)
+from stn.module import STNClassifier
+from stn.pose import MIN_SPREAD, PoseSpread, fit_similarity, pose_report, to_digit
+
+COUNT = 300
+
+
+def base_points(size: tuple[int, int]) -> torch.Tensor:
+    """Pixel centres of an image of ``size``, normalised xy, ``(1, H*W, 2)`` float64."""
+    identity = torch.eye(2, 3, dtype=torch.float64)[None]
+    return F.affine_grid(identity, [1, 1, *size], align_corners=False).reshape(1, -1, 2)
+
+
+def distortion_grid(name: str, params: dict) -> torch.Tensor:
+    if name in ("r", "rts"):
+        angle = params["angle"]
+        scale = params.get("scale", torch.ones_like(angle))
+        shift = params.get("shift", angle.new_zeros(angle.shape[0], 2))
+        return similarity_grid(angle, scale, shift, output_size(name)[0])
+    if name == "p":
+        return projective_grid(params["scale"], params["corner_shift"])
+    return elastic_grid(params["scale"], params["point_shift"])
+
+
+def spreads(fits: dict) -> dict:
+    metric = PoseSpread()
+    metric.update(fits)
+    return {key: float(value) for key, value in metric.compute().items()}
+
+
+def circular_std_degrees(angles: np.ndarray) -> float:
+    length = np.abs(np.exp(1j * angles).mean())
+    return math.degrees(math.sqrt(-2 * math.log(length)))
+
+
+@pytest.mark.parametrize("name", ["r", "rts", "p", "e"])
+def test_digit_map_reads_where_the_distortion_grid_reads(name):
+    params = dataset_params(name, 40, seed=5)
+    grid = distortion_grid(name, params)
+    points = base_points(output_size(name)).expand(40, -1, -1)
+    mapped = to_digit(points, digit_map(name, params))
+    torch.testing.assert_close(mapped / 14, grid.reshape(40, -1, 2), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["r", "rts"])
+def test_identity_spread_is_the_spread_of_the_drawn_similarity(name):
+    params = dataset_params(name, COUNT, seed=1)
+    points = base_points(output_size(name))
+    fit = fit_similarity(points, to_digit(points.expand(COUNT, -1, -1), digit_map(name, params)))
+    measured = spreads(fit)
+    angle = params["angle"].numpy()
+    scale = params.get("scale", torch.ones(COUNT, dtype=torch.float64)).numpy()
+    shift = params.get("shift", torch.zeros(COUNT, 2, dtype=torch.float64)).numpy()
+    # the output centre shows the digit at R(angle)^T (-shift) / scale
+    centre = np.stack([-(np.cos(angle) * shift[:, 0] + np.sin(angle) * shift[:, 1]),
+                       np.sin(angle) * shift[:, 0] - np.cos(angle) * shift[:, 1]], axis=1) / scale[:, None]
+    assert measured["angle"] == pytest.approx(circular_std_degrees(angle), rel=1e-6)
+    assert measured["log_scale"] == pytest.approx(np.log(scale).std(), abs=1e-6)
+    assert measured["shift"] == pytest.approx(np.sqrt(((centre - centre.mean(0)) ** 2).sum(1).mean()), abs=1e-9)
+    assert measured["residual"] < 1e-9  # a similarity is exactly a similarity
+    if name == "rts":  # U(-45°, 45°), U(0.7, 1.2): the spreads of the benchmark
+        assert 24 < measured["angle"] < 29 and 0.13 < measured["log_scale"] < 0.17
+
+
+def inverse_grid(name: str, params: dict, count: int, size: tuple[int, int]) -> torch.Tensor:
+    """Where in the distorted image each output pixel must read so that it shows digit pixel 14 * p.
+
+    The exact inverse of the digit map at the output pixel centres: a matrix inverse for the
+    homographies, Newton's method on the digit map for the elastic TPS.
+    """
+    maps = digit_map(name, params)
+    goal = base_points(size).expand(count, -1, -1) * 14
+    if "homography" in maps:
+        return to_digit(goal, {"homography": torch.linalg.inv(maps["homography"])})
+    points = goal / 14
+    for _ in range(20):
+        points = points.detach().requires_grad_(True)
+        mapped = to_digit(points, maps)
+        rows = [torch.autograd.grad(mapped[..., k].sum(), points, retain_graph=True)[0] for k in range(2)]
+        jacobian = torch.stack(rows, dim=-2)  # (N, P, 2, 2)
+        step = torch.linalg.solve(jacobian, (mapped - goal)[..., None])[..., 0]
+        points = points - step
+    return points.detach()
+
+
+@pytest.mark.parametrize("name", ["r", "rts", "p", "e"])
+def test_a_transformer_handed_the_exact_inverse_leaves_no_spread(name):
+    params = dataset_params(name, COUNT, seed=2)
+    size = (28, 28)
+    grid = inverse_grid(name, params, COUNT, size)
+    points = base_points(size)
+    maps = digit_map(name, params)
+    # Newton's method finds the elastic inverse for all but a few images whose spline folds near the
+    # border; keep the images whose inverse is exact
+    exact = (to_digit(grid, maps) - 14 * points).abs().amax((1, 2)) < 1e-9
+    assert exact.float().mean() > 0.98
+    grid, maps = grid[exact], {key: value[exact] for key, value in maps.items()}
+    after = spreads(fit_similarity(points, to_digit(grid, maps)))
+    identity = spreads(fit_similarity(points, to_digit(points.expand(len(grid), -1, -1), maps)))
+    report = pose_report(after, identity)
+    for spread in ("angle", "log_scale", "shift"):
+        assert after[spread] < 1e-6, (spread, after)
+        if identity[spread] >= MIN_SPREAD[spread]:
+            assert report[f"{spread}_left"] < 1e-5
+    if name in ("p", "e"):  # the non-similar part of the distortion is undone too
+        assert after["residual"] < 1e-6 < MIN_SPREAD["residual"] < identity["residual"]
+
+
+def test_pose_report_leaves_out_ratios_of_spreads_the_distortion_does_not_have():
+    after = {"angle": 10.0, "log_scale": 0.0, "shift": 0.5, "residual": 0.2}
+    identity = {"angle": 50.0, "log_scale": 0.0, "shift": 0.0, "residual": 0.0}
+    report = pose_report(after, identity)
+    assert report["angle_left"] == pytest.approx(0.2)
+    assert "shift_left" not in report and "log_scale_left" not in report and "residual_left" not in report
+    assert report["shift"] == 0.5 and report["shift_identity"] == 0.0
+
+
+def test_the_module_reports_ratio_one_for_an_identity_transformer():
+    """The LightningModule's eval path: an untrained (identity) STN leaves the whole spread."""
+    params = dataset_params("rts", 64, seed=3)
+    maps = {key: value.float() for key, value in digit_map("rts", params).items()}
+    model = STNClassifier(["similarity", "tps"], output_size=(28, 28),
+                          loc_net={"backbone": "resnet18", "weights": None, "input_size": 16}).eval()
+    images = torch.rand(64, 1, 42, 42)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    with torch.no_grad():
+        model._eval_step((images, torch.zeros(64, dtype=torch.long), maps), "test", model.test_acc, model.test_loss)
+    model._log_pose("test")
+    for spread in ("angle", "log_scale", "shift"):
+        assert logged[f"test/pose/{spread}_left"] == pytest.approx(1.0, abs=1e-4)
+    assert logged["test/pose/angle_identity"] > 20
