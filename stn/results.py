@@ -1,4 +1,4 @@
-"""Collect the runs of a sweep and print them as the paper's Table 1.
+"""Collect the runs of a sweep and print them as the paper's Table 1, with a canonicalisation table.
 
 Every job folder of a Hydra multirun holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``
 (written before the job starts) and, when the job finished, ``metrics.json``. Jobs are grouped by
@@ -7,6 +7,15 @@ between the jobs (the seed aside); each cell reports test error as mean ± std o
 number of runs. Jobs without a finite test error are counted, never dropped: as failed when they left
 ``error.txt`` (or a non-finite error), as unfinished when they left nothing (still running, or
 stopped from outside, e.g. by a cluster time limit).
+
+The canonicalisation table (:func:`pose_table`) has the same rows and reports what the transformers
+learned: the share of each distortion's spread of pose left after the transformer (``test/pose/*_left``
+of :mod:`stn.pose`: angle / log-scale / shift, and for ``p`` and ``e`` the non-similar residual; 1 = the
+identity, 0 = every test digit in one pose), mean over seeds.
+
+A model is named by its transform: a chain of stages (``model.transform=[similarity,tps]``) is named by
+its last stage, compared with the paper's row of that kind (a similarity is an affine map), and its
+chain is shown in the row label.
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["PAPER_ERROR", "Run", "collect_runs", "results_table"]
+__all__ = ["PAPER_ERROR", "Run", "collect_runs", "results_table", "pose_table", "model_kind"]
 
 MODEL_NAMES = {"none": "CNN", "affine": "ST-CNN Aff", "tps": "ST-CNN TPS"}
+PAPER_KIND = {"none": "none", "affine": "affine", "similarity": "affine", "tps": "tps"}
+POSE_KEYS = ("angle_left", "log_scale_left", "shift_left", "residual_left")
 DISTORTIONS = ["r", "rts", "p", "e"]
 
 PAPER_ERROR = {
@@ -35,6 +46,13 @@ PAPER_ERROR = {
 IGNORED_OVERRIDES = ("seed", "+experiment", "experiment", "+sweep", "sweep", "model.transform", "data.distortion")
 
 
+def model_kind(transform: str | list[str]) -> tuple[str, str]:
+    """``(paper kind, chain)`` of a ``model.transform`` value: ``[similarity, tps]`` -> ``("tps", "similarity+tps")``."""
+    stages = [transform] if isinstance(transform, str) else [str(stage) for stage in transform]
+    chain = "+".join(stages)
+    return PAPER_KIND.get(stages[-1], chain), chain
+
+
 @dataclass
 class Run:
     """One job of a sweep."""
@@ -43,10 +61,18 @@ class Run:
     transform: str
     distortion: str
     settings: dict[str, str]
+    chain: str = ""
     variant: str = ""
     error: float | None = None
+    pose: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     unfinished: bool = False
+
+    @property
+    def label(self) -> str:
+        """What tells this row apart from the plain model: its chain of stages and varying overrides."""
+        parts = ([self.chain] if self.chain != self.transform else []) + ([self.variant] if self.variant else [])
+        return ", ".join(parts)
 
 
 @dataclass
@@ -95,9 +121,11 @@ def _load_run(folder: Path) -> Run:
     config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
+    kind, chain = model_kind(config["model"]["transform"])
     run = Run(
         folder=folder,
-        transform=str(config["model"]["transform"]),
+        transform=kind,
+        chain=chain,
         distortion=str(config["data"]["distortion"]),
         settings=_settings(overrides or []),
     )
@@ -110,7 +138,9 @@ def _load_run(folder: Path) -> Run:
             run.unfinished = True
             run.reason = "unfinished: no metrics.json and no error.txt (still running, or stopped from outside)"
         return run
-    error = json.loads(metrics_file.read_text()).get("metrics", {}).get("test/error")
+    metrics = json.loads(metrics_file.read_text()).get("metrics", {})
+    run.pose = {key: float(metrics[f"test/pose/{key}"]) for key in POSE_KEYS if f"test/pose/{key}" in metrics}
+    error = metrics.get("test/error")
     if error is None or not math.isfinite(error):
         run.reason = f"metrics.json has no finite test/error ({error})"
     else:
@@ -134,37 +164,86 @@ def collect_runs(root: str | Path) -> list[Run]:
     return runs
 
 
+def _distortions(runs: list[Run]) -> list[str]:
+    return DISTORTIONS + sorted({run.distortion for run in runs} - set(DISTORTIONS))
+
+
+def _rows(runs: list[Run]) -> list[tuple[str, str, dict[str, list[Run]]]]:
+    """``(transform, label, {distortion: runs})`` per row, in the paper's model order."""
+    grouped: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    for run in runs:
+        grouped.setdefault((run.transform, run.label), {}).setdefault(run.distortion, []).append(run)
+    order = [t for t in MODEL_NAMES if any(key[0] == t for key in grouped)]
+    order += sorted({key[0] for key in grouped} - set(MODEL_NAMES))
+    return [(t, label, grouped[(t, label)]) for t in order for (row_t, label) in sorted(grouped) if row_t == t]
+
+
+def _header(distortions: list[str]) -> list[str]:
+    return ["| model | " + " | ".join(d.upper() for d in distortions) + " |", "|---" * (len(distortions) + 1) + "|"]
+
+
+def _ours(transform: str, label: str) -> str:
+    return f"{MODEL_NAMES.get(transform, transform)} (ours{', ' + label if label else ''})"
+
+
 def results_table(runs: list[Run]) -> str:
     """Markdown table of test error (%): the paper's numbers, then ours, per model and distortion."""
-    distortions = DISTORTIONS + sorted({run.distortion for run in runs} - set(DISTORTIONS))
-    cells: dict[tuple[str, str], dict[str, Cell]] = {}
+    distortions = _distortions(runs)
+    lines = _header(distortions)
+    shown_paper = set()
+    for transform, label, row in _rows(runs):
+        if transform not in shown_paper:
+            shown_paper.add(transform)
+            paper = PAPER_ERROR.get(transform, {})
+            name = MODEL_NAMES.get(transform, transform)
+            lines.append(f"| {name} (paper) | " + " | ".join(str(paper.get(d, "—")) for d in distortions) + " |")
+        cells = [str(_error_cell(row.get(d, []))) for d in distortions]
+        lines.append(f"| {_ours(transform, label)} | " + " | ".join(cells) + " |")
+    failures = [run for run in runs if run.error is None]
+    if failures:
+        lines.append("")
+        lines.append("Failed or unfinished jobs:")
+        lines.extend(f"- {run.folder}: {run.reason}" for run in failures)
+    return "\n".join(lines)
+
+
+def _error_cell(runs: list[Run]) -> Cell:
+    cell = Cell()
     for run in runs:
-        cell = cells.setdefault((run.transform, run.variant), {}).setdefault(run.distortion, Cell())
         if run.unfinished:
             cell.unfinished += 1
         elif run.error is None:
             cell.failed += 1
         else:
             cell.errors.append(run.error)
+    return cell
 
-    lines = [
-        "| model | " + " | ".join(d.upper() for d in distortions) + " |",
-        "|---" * (len(distortions) + 1) + "|",
-    ]
-    transforms = [t for t in MODEL_NAMES if any(key[0] == t for key in cells)]
-    transforms += sorted({key[0] for key in cells} - set(MODEL_NAMES))
-    for transform in transforms:
-        name = MODEL_NAMES.get(transform, transform)
-        paper = PAPER_ERROR.get(transform, {})
-        lines.append(f"| {name} (paper) | " + " | ".join(str(paper.get(d, "—")) for d in distortions) + " |")
-        for (row_transform, variant), row in sorted(cells.items()):
-            if row_transform != transform:
-                continue
-            label = f"{name} (ours{', ' + variant if variant else ''})"
-            lines.append(f"| {label} | " + " | ".join(str(row.get(d, Cell())) for d in distortions) + " |")
-    failures = [run for run in runs if run.error is None]
-    if failures:
-        lines.append("")
-        lines.append("Failed or unfinished jobs:")
-        lines.extend(f"- {run.folder}: {run.reason}" for run in failures)
+
+def _pose_cell(runs: list[Run], distortion: str) -> str:
+    finished = [run.pose for run in runs if run.error is not None and run.pose]
+    if not finished:
+        return "—"
+    keys = ["angle_left"] if distortion == "r" else ["angle_left", "log_scale_left", "shift_left"]
+    text = " / ".join(_mean(finished, key) for key in keys)
+    if distortion in ("p", "e"):
+        text += f", residual {_mean(finished, 'residual_left')}"
+    return f"{text} (n={len(finished)})"
+
+
+def _mean(poses: list[dict[str, float]], key: str) -> str:
+    values = [pose[key] for pose in poses if key in pose]
+    return f"{statistics.fmean(values):.2f}" if values else "—"
+
+
+def pose_table(runs: list[Run]) -> str:
+    """Markdown table of the share of the distortion's pose spread each transformer leaves on the test set.
+
+    Cells: angle / log-scale / shift left (``r``: angle only; ``p``, ``e``: and the non-similar
+    residual), mean over the finished seeds; the CNN's transformer is the identity (1 everywhere).
+    """
+    distortions = _distortions(runs)
+    lines = _header(distortions)
+    for transform, label, row in _rows(runs):
+        cells = [_pose_cell(row.get(d, []), d) for d in distortions]
+        lines.append(f"| {_ours(transform, label)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

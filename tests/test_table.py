@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stn.results import collect_runs, results_table
+from stn.results import collect_runs, pose_table, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_job(folder: Path, transform: str, distortion: str, seed: int, error: float | None, extra=()) -> None:
+def make_job(folder: Path, transform, distortion: str, seed: int, error: float | None, extra=(), pose=None) -> None:
     (folder / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "model": {"transform": transform}, "data": {"distortion": distortion}}
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     overrides = [f"data.distortion={distortion}", f"seed={seed}", *extra]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if error is not None:
-        (folder / "metrics.json").write_text(json.dumps({"metrics": {"test/error": error, "test/acc": 1 - error / 100}}))
+        metrics = {"test/error": error, "test/acc": 1 - error / 100}
+        metrics.update({f"test/pose/{key}": value for key, value in (pose or {}).items()})
+        (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}))
 
 
 def table_row(table: str, label: str) -> list[str]:
@@ -80,3 +82,25 @@ def test_script_prints_table_and_rejects_empty_folder(tmp_path):
     assert table_row(done.stdout, "ST-CNN TPS (ours)")[0] == "0.40 ± 0.00 (n=1)"
     with pytest.raises(FileNotFoundError, match="No Hydra job folders"):
         collect_runs(tmp_path / "sweep" / "0_seed=1" / ".hydra")
+
+
+def test_chains_are_named_by_their_last_stage_and_the_pose_table_averages_seeds(tmp_path):
+    pose_1 = {"angle_left": 0.6, "log_scale_left": 0.7, "shift_left": 0.1}
+    pose_2 = {"angle_left": 0.8, "log_scale_left": 0.5, "shift_left": 0.3}
+    make_job(tmp_path / "0", ["similarity", "tps"], "rts", 1, 0.6, pose=pose_1)
+    make_job(tmp_path / "1", ["similarity", "tps"], "rts", 2, 0.8, pose=pose_2)
+    make_job(tmp_path / "2", "none", "rts", 1, 1.5, pose={"angle_left": 1.0, "log_scale_left": 1.0, "shift_left": 1.0})
+    make_job(tmp_path / "3", ["similarity", "affine"], "e", 1, 1.0,
+             pose={"angle_left": 0.9, "log_scale_left": 0.8, "shift_left": 0.5, "residual_left": 0.95})
+    make_job(tmp_path / "4", "tps", "r", 1, 0.9, pose={"angle_left": 0.4})
+    runs = collect_runs(tmp_path)
+    table = results_table(runs)
+    assert table_row(table, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 ± 0.14 (n=2)"
+    assert table_row(table, "ST-CNN Aff (ours, similarity+affine)")[3] == "1.00 ± 0.00 (n=1)"
+    assert table_row(table, "ST-CNN Aff (paper)") == ["0.7", "0.5", "0.8", "1.2"]
+    poses = pose_table(runs)
+    assert table_row(poses, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 / 0.60 / 0.20 (n=2)"
+    assert table_row(poses, "CNN (ours)")[1] == "1.00 / 1.00 / 1.00 (n=1)"
+    assert table_row(poses, "ST-CNN Aff (ours, similarity+affine)")[3] == "0.90 / 0.80 / 0.50, residual 0.95 (n=1)"
+    assert table_row(poses, "ST-CNN TPS (ours)")[0] == "0.40 (n=1)"
+    assert table_row(poses, "ST-CNN TPS (ours)")[1] == "—"

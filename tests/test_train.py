@@ -76,11 +76,17 @@ def tps_run(tmp_path_factory, tiny_run) -> Path:
 def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     summary = read_metrics(tps_run)
     metrics = summary["metrics"]
-    assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"}
+    pose = {f"{split}/pose/{name}{suffix}" for split in ("val", "test") for name in ("angle", "log_scale", "shift")
+            for suffix in ("", "_identity", "_left")}
+    pose |= {f"{split}/pose/residual{suffix}" for split in ("val", "test") for suffix in ("", "_identity")}
+    assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose
+    # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
+    assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
     assert metrics["test/error"] == pytest.approx(100 * (1 - metrics["test/acc"]), abs=1e-4)
     assert metrics["val/acc_best"] >= metrics["val/acc"]
     config = summary["config"]
-    assert config["model"]["transform"] == "tps" and config["data"]["distortion"] == "rts"
+    assert config["model"]["transform"] == ["similarity", "tps"] and config["data"]["distortion"] == "rts"
+    assert config["model"]["classifier"]["pool"] == "flat" and config["data"]["growth_epochs"] == 5
     assert config["seed"] == 12345 and config["ckpt_path"] is None
     assert config["model"]["tps"] == {"rows": 4, "cols": 4, "margin": 0.0}
     assert summary["pretrained"] is False
@@ -102,8 +108,18 @@ def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
     assert len(tensorboard.Scalars("val/acc")) == 2
     test_error = tensorboard.Scalars("test/error")[-1].value
     assert test_error == pytest.approx(read_metrics(tps_run)["metrics"]["test/error"], abs=1e-4)
-    # 4 images in one row with 2 px padding: 42x42 inputs, 28x28 warped outputs, overlays upscaled 4x
-    sizes = {"input": (4 * 44 + 2, 46), "warped": (4 * 30 + 2, 32),
+    # what the transformer learned, per validation and at test, as in metrics.json
+    metrics = read_metrics(tps_run)["metrics"]
+    for tag in ("val/pose/angle_left", "val/pose/shift_left", "val/pose/log_scale_left", "test/pose/angle_left"):
+        assert tensorboard.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-5), tag
+    assert len(tensorboard.Scalars("val/pose/angle_left")) == 2  # once per epoch
+    # loc-net health of both stages, once per epoch
+    for stage in (1, 2):
+        for name in ("param_std", "dead_units"):
+            values = [event.value for event in tensorboard.Scalars(f"loc/stage{stage}/{name}")]
+            assert len(values) == 2 and all(0 <= value <= (1 if name == "dead_units" else 10) for value in values)
+    # 4 images in one row with 2 px padding, all upscaled 4x: 42x42 inputs, 28x28 warped outputs
+    sizes = {"input": (4 * 170 + 2, 172), "warped": (4 * 114 + 2, 116),
              "control_points": (4 * 170 + 2, 172), "mesh": (4 * 170 + 2, 172)}
     for name, size in sizes.items():
         logged = tensorboard.Images(f"images/{name}")
@@ -181,7 +197,7 @@ def test_affine_experiment_offline_falls_back_to_random_init(tmp_path, tiny_run)
         "model.loc_net.weights=DEFAULT", env=offline,
     )
     summary = read_metrics(run)
-    assert summary["config"]["model"]["transform"] == "affine"
+    assert summary["config"]["model"]["transform"] == ["similarity", "affine"]
     assert summary["config"]["data"]["distortion"] == "rts"
     assert summary["pretrained"] is False
     assert "PRETRAINED WEIGHTS NOT LOADED" in output and "RANDOM initialisation" in output
@@ -196,3 +212,19 @@ def test_cnn_experiment_with_fast_dev_run(tmp_path):
     assert summary["config"]["data"]["distortion"] == "rts"
     assert 0 <= summary["metrics"]["test/error"] <= 100
     assert summary["best_checkpoint"] is None and not list(run.rglob("*.ckpt"))
+
+
+def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny_run):
+    """The levers of the recipes are config values: chain, pooling, curriculum; r has no shift to undo."""
+    run, _ = run_script(
+        "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
+        "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
+        "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null",
+    )
+    summary = read_metrics(run)
+    config, metrics = summary["config"], summary["metrics"]
+    assert config["model"]["transform"] == ["affine", "tps"] and config["model"]["classifier"]["pool"] == "gap"
+    assert config["data"]["clean_epochs"] == 0.5 and config["data"]["growth_epochs"] == 1
+    assert 40 < metrics["test/pose/angle_identity"] < 70  # U(-90°, 90°)
+    assert "test/pose/angle_left" in metrics and "test/pose/shift_left" not in metrics
+    assert "test/pose/angle_left" in events(run).Tags()["scalars"]
