@@ -14,7 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from stn.classifier import CNNClassifier
-from stn.pose import PoseSpread, fit_similarity, pose_report, to_digit
+from stn.pose import PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
 from stn.health import loc_net_health
 from stn.viz import transformer_panels
@@ -22,6 +22,9 @@ from stn.viz import transformer_panels
 __all__ = ["STNClassifier"]
 
 log = logging.getLogger(__name__)
+
+DIGIT_HALF_SIZE = 14.0
+"""Half the side of the digit frame, in digit pixels (28x28 MNIST): the pose fit reads inside it."""
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULERS = ("onecycle", "cosine", "none")
@@ -158,13 +161,14 @@ class STNClassifier(L.LightningModule):
             self._update_pose(images, grid, extras[0], split)
 
     def _update_pose(self, images: Tensor, grid: Tensor, digit_map: dict[str, Tensor], split: str) -> None:
-        """Fit the similarity from output pixels to the upright digit, after the transformer and for the identity."""
+        """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer and for the identity."""
         batch, height, width = grid.shape[:3]
         identity = self.transformer.compose([], (height, width), images)
         output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
         for which, sampled in (("after", grid), ("identity", identity)):
             digit = to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
-            self.pose[f"{split}_{which}"].update(fit_similarity(output.float(), digit))
+            fit = fit_similarity(output.float(), digit, frame_weights(digit, DIGIT_HALF_SIZE))
+            self.pose[f"{split}_{which}"].update(fit)
 
     def _log_pose(self, split: str) -> None:
         after, identity = self.pose[f"{split}_after"], self.pose[f"{split}_identity"]

@@ -3,8 +3,11 @@
 A transformer's sampling grid maps every output pixel to a position of the distorted image; the data
 module's digit map (:func:`stn.data.distortions.digit_map`) maps that position back to the upright
 digit. Composed, they say where each output pixel reads the original digit. Per image,
-:func:`fit_similarity` fits the similarity ``q = s R(angle) p + t`` to that map (least squares over the
-output pixels); :class:`PoseSpread` accumulates, over an evaluation set, the spread of the fitted
+:func:`fit_similarity` fits the similarity ``q = s R(angle) p + t`` to that map, by least squares over
+the output pixels that read inside the digit's own frame (:func:`frame_weights`; the 28x28 square of an
+MNIST digit): what a transformer does to the empty canvas around the digit, e.g. a TPS bending its
+border, says nothing about the digit's pose, and a projective map's far-away points would swamp the
+fit. :class:`PoseSpread` accumulates, over an evaluation set, the spread of the fitted
 angle (circular standard deviation, degrees), log-scale (standard deviation) and shift (rms distance
 from the mean shift, digit pixels), and the non-similar residual (rms distance between the map and its
 best similarity, digit pixels).
@@ -24,7 +27,7 @@ from torchmetrics import Metric
 
 from stn.tps import warp_points
 
-__all__ = ["to_digit", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD"]
+__all__ = ["to_digit", "frame_weights", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD"]
 
 SPREADS = ("angle", "log_scale", "shift", "residual")
 """The measured spreads, in degrees, natural-log units, digit pixels and digit pixels."""
@@ -53,25 +56,41 @@ def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
     return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
 
 
-def fit_similarity(points: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """Least-squares similarity ``targets ~ scale * R(angle) @ points + shift`` per image.
+def frame_weights(digit: Tensor, half_size: float = 14.0, min_share: float = 0.05) -> Tensor:
+    """``(N, P)`` weights: 1 where ``digit`` positions ``(N, P, 2)`` lie inside the digit's frame, else 0.
+
+    The frame is the square of side ``2 * half_size`` digit pixels about the digit's centre (28x28 for
+    MNIST). An image with fewer than ``min_share`` of its positions inside (a transformer that looks
+    away from the digit) keeps uniform weights, so its fit says where it looks.
+    """
+    inside = (digit.abs() <= half_size).all(-1).to(digit.dtype)
+    few = inside.mean(1, keepdim=True) < min_share
+    return torch.where(few, torch.ones_like(inside), inside)
+
+
+def fit_similarity(points: Tensor, targets: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
+    """Weighted least-squares similarity ``targets ~ scale * R(angle) @ points + shift`` per image.
 
     Args:
         points: ``(N, P, 2)`` or ``(P, 2)`` positions it maps from.
         targets: ``(N, P, 2)`` positions it maps to.
+        weights: ``(N, P)`` non-negative weights of the positions (``None``: all 1).
 
     Returns:
         ``angle`` ``(N,)`` radians, ``log_scale`` ``(N,)``, ``shift`` ``(N, 2)`` (where the origin of
-        ``points`` lands) and ``residual`` ``(N,)``: rms distance between ``targets`` and the fit.
+        ``points`` lands) and ``residual`` ``(N,)``: weighted rms distance between ``targets`` and the fit.
     """
     points = points.expand_as(targets)
+    if weights is None:
+        weights = torch.ones_like(targets[..., 0])
+    w = weights / weights.sum(1, keepdim=True)
     p = torch.complex(points[..., 0], points[..., 1])
     q = torch.complex(targets[..., 0], targets[..., 1])
-    p_mean, q_mean = p.mean(1, keepdim=True), q.mean(1, keepdim=True)
+    p_mean, q_mean = (w * p).sum(1, keepdim=True), (w * q).sum(1, keepdim=True)
     pc, qc = p - p_mean, q - q_mean
-    a = (qc * pc.conj()).sum(1) / pc.abs().square().sum(1)
+    a = (w * qc * pc.conj()).sum(1) / (w * pc.abs().square()).sum(1)
     b = q_mean[:, 0] - a * p_mean[:, 0]
-    residual = (q - (a[:, None] * p + b[:, None])).abs().square().mean(1).sqrt()
+    residual = (w * (q - (a[:, None] * p + b[:, None])).abs().square()).sum(1).sqrt()
     return {
         "angle": a.angle(),
         "log_scale": a.abs().log(),

@@ -34,6 +34,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
+from stn.checkpoints import run_info
 from stn.module import STNClassifier
 
 __all__ = ["train", "evaluate", "warp", "build_callbacks", "build_logger"]
@@ -213,23 +214,6 @@ def _last_checkpoint(trainer: L.Trainer) -> str | None:
     return (callback.last_model_path or None) if callback else None
 
 
-def _run_info(ckpt_path: str) -> dict:
-    """The ``run`` entry :class:`RunInfo` stored in a checkpoint."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path} does not exist. Pass a checkpoint of a training run, e.g. "
-            "ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "run" not in checkpoint:
-        raise ValueError(
-            f"{ckpt_path} holds no run information (config, image size): it was not written by "
-            "scripts/train.py. Re-create it with scripts/train.py."
-        )
-    return checkpoint["run"]
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on ``cfg.data`` (its training distortion and eval seed unless overridden).
 
@@ -237,7 +221,7 @@ def evaluate(cfg: DictConfig) -> dict:
     keys (data, trainer, paths, ckpt_path, ...) on top.
     """
     start = time.perf_counter()
-    run = _run_info(cfg.ckpt_path)
+    run = run_info(cfg.ckpt_path)
     for key in ("distortion", "eval_seed"):
         if cfg.data[key] is None:
             cfg.data[key] = run["config"]["data"][key]
@@ -276,7 +260,7 @@ def load_image(path: Path, channels: int, size: tuple[int, int], invert: bool = 
 
 def warp(cfg: DictConfig) -> list[Path]:
     """Write ``<name>_before.png`` / ``<name>_after.png`` for every input image; return the paths."""
-    run = _run_info(cfg.ckpt_path)
+    run = run_info(cfg.ckpt_path)
     model = STNClassifier.from_checkpoint(cfg.ckpt_path).eval()
     size = tuple(run["image_size"])
     files = _image_files(Path(cfg.input))

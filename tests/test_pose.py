@@ -25,7 +25,7 @@ from stn.data.distortions import (
     similarity_grid,
 )
 from stn.module import STNClassifier
-from stn.pose import MIN_SPREAD, PoseSpread, fit_similarity, pose_report, to_digit
+from stn.pose import MIN_SPREAD, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 
 COUNT = 300
 
@@ -155,3 +155,24 @@ def test_the_module_reports_ratio_one_for_an_identity_transformer():
     for spread in ("angle", "log_scale", "shift"):
         assert logged[f"test/pose/{spread}_left"] == pytest.approx(1.0, abs=1e-4)
     assert logged["test/pose/angle_identity"] > 20
+
+
+def test_the_fit_reads_only_inside_the_digit_frame():
+    """A map that is an exact similarity wherever it reads the digit, and anything at all outside the
+    digit's frame (a TPS bending the empty canvas), fits that similarity exactly."""
+    points = base_points((28, 28)).expand(2, -1, -1)
+    angle = torch.tensor([0.3, -0.5], dtype=torch.float64)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], 1)
+    digit = 16 * points @ rotation.transpose(1, 2) + torch.tensor([1.0, -2.0], dtype=torch.float64)
+    outside = (digit.abs() > 14).any(-1)
+    bent = torch.where(outside[..., None], 100 + 40 * torch.rand_like(digit), digit)  # far outside the frame
+    weights = frame_weights(bent)
+    assert 0.3 < weights.mean() < 0.9
+    fit = fit_similarity(points, bent, weights)
+    torch.testing.assert_close(fit["angle"], angle)
+    torch.testing.assert_close(fit["log_scale"], torch.full((2,), math.log(16.0), dtype=torch.float64))
+    torch.testing.assert_close(fit["shift"], torch.tensor([[1.0, -2.0], [1.0, -2.0]], dtype=torch.float64))
+    assert fit["residual"].max() < 1e-9
+    assert fit_similarity(points, bent)["residual"].min() > 1  # unweighted, the bent border spoils it
+    far = frame_weights(digit + 1000)  # looks away from the digit: uniform weights
+    assert torch.equal(far, torch.ones_like(far))
