@@ -68,11 +68,16 @@ def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path, tiny_run):
         [sys.executable, str(REPO / "scripts" / "table.py"), str(jobs[0].parent)], capture_output=True, text=True
     )
     assert table.returncode == 0, table.stderr
-    rows = {line.split("|")[1].strip(): line for line in table.stdout.splitlines() if line.startswith("|")}
+    errors, poses = table.stdout.split("Distortion left")
+    rows = {line.split("|")[1].strip(): line for line in errors.splitlines() if line.startswith("|")}
+    pose_rows = {line.split("|")[1].strip(): line for line in poses.splitlines() if line.startswith("|")}
     for job, variant in zip(finished, ("model.tps.rows=3", "model.tps.rows=4")):
-        error = json.loads((job / "metrics.json").read_text())["metrics"]["test/error"]
-        assert f"{error:.2f} ± 0.00 (n=1)" in rows[f"ST-CNN TPS (ours, {variant})"]
-    assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, model.tps.rows=1)"]
+        metrics = json.loads((job / "metrics.json").read_text())["metrics"]
+        label = f"ST-CNN TPS (ours, similarity+tps, {variant})"
+        assert f"{metrics['test/error']:.2f} ± 0.00 (n=1)" in rows[label]
+        pose = [f"{metrics[f'test/pose/{key}_left']:.2f}" for key in ("angle", "log_scale", "shift")]
+        assert " / ".join(pose) + " (n=1)" in pose_rows[label]
+    assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, similarity+tps, model.tps.rows=1)"]
     assert f"- {failed}: ValueError" in table.stdout
 
 
@@ -130,9 +135,11 @@ def test_paper_table_sweep_composes_36_jobs():
     assert params["+experiment"] == "mnist_cnn,mnist_affine,mnist_tps"
     assert params["data.distortion"] == "r,rts,p,e"
     assert params["seed"] == "1,2,3"
-    for experiment, transform in (("mnist_cnn", "none"), ("mnist_affine", "affine"), ("mnist_tps", "tps")):
+    for experiment, transform in (("mnist_cnn", "none"), ("mnist_affine", ["similarity", "affine"]),
+                                  ("mnist_tps", ["similarity", "tps"])):
         job = compose_train(f"+experiment={experiment}", "data.distortion=p", "seed=2")
         assert (job.model.transform, job.data.distortion, job.seed) == (transform, "p", 2)
+        assert job.data.growth_epochs == 5 and job.model.classifier.pool == "flat"  # every model, one schedule
 
 
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
