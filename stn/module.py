@@ -147,8 +147,10 @@ class STNClassifier(L.LightningModule):
         raise FloatingPointError(
             f"The training loss is {loss.item()} at epoch {self.current_epoch}, step "
             f"{self.global_step}. The usual cause is a localization network that moves too fast: its "
-            "control points run off the image, the sampling grid folds and the classifier diverges. "
-            f"Lower model.loc_net.lr_mult (now {lr_mult}) or model.optimizer.lr (now {lr}), set "
+            "predicted transform runs off the image, the sampling grid folds and the classifier diverges "
+            "(the loc/stage<k>/param_std curves in TensorBoard rise steeply before it). Lower "
+            f"model.loc_net.lr_mult (now {lr_mult}) or model.optimizer.lr (now {lr}), keep a hidden layer "
+            "in the loc-net head (model.loc_net.hidden > 0), set trainer.gradient_clip_val (e.g. 1.0), set "
             "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0."
         )
 

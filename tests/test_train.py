@@ -228,3 +228,26 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert 40 < metrics["test/pose/angle_identity"] < 70  # U(-90°, 90°)
     assert "test/pose/angle_left" in metrics and "test/pose/shift_left" not in metrics
     assert "test/pose/angle_left" in events(run).Tags()["scalars"]
+
+
+def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):
+    """scripts/pretrain_loc_net.py writes weights that the training run loads as its loc-net backbone."""
+    pretrained, output = run_script(
+        "pretrain_loc_net.py", tmp_path, "pretrain", "data.val_size=59800", "epochs=1", "input_size=16",
+        "batch_size=50",
+    )
+    weights = pretrained / "shufflenet_v2_x0_5_mnist.pth"
+    assert f"Backbone weights: {weights}" in output
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    run, _ = run_script(
+        "train.py", tmp_path, "with_weights", "+experiment=mnist_tps", *tiny_run, f"model.loc_net.weights={weights}",
+    )
+    summary = read_metrics(run)
+    assert summary["pretrained"] is True
+    model = STNClassifier.from_checkpoint(summary["best_checkpoint"])
+    first_conv = next(key for key in state if key.endswith("weight") and state[key].ndim == 4)
+    # the first stage's backbone started from the file; after 3 steps it has moved only a little
+    start = state[first_conv]
+    trained = model.transformer.loc_nets[0].backbone.state_dict()
+    loaded = next(value for key, value in trained.items() if key.endswith(first_conv))
+    assert (loaded - start).abs().max() < 0.05 * start.abs().max()
