@@ -284,6 +284,9 @@ class STNClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pretrained"] = self.pretrained
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = _single_stage_keys(checkpoint["state_dict"])
+
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> STNClassifier:
         """Rebuild a trained model from a checkpoint without fetching backbone weights again."""
@@ -291,10 +294,18 @@ class STNClassifier(L.LightningModule):
         hparams = dict(checkpoint["hyper_parameters"])
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
         model = cls(**hparams)
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(_single_stage_keys(checkpoint["state_dict"]))
         for loc_net in model.transformer.loc_nets:
             loc_net.pretrained = bool(checkpoint.get("pretrained", False))
         return model
+
+
+def _single_stage_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoints written before transformers became chains of stages hold ``transformer.loc_net.*``;
+    that loc-net is stage 0's."""
+    old = "transformer.loc_net."
+    return {(f"transformer.stages.0.loc_net.{key[len(old):]}" if key.startswith(old) else key): value
+            for key, value in state.items()}
 
 
 def _check_optimization(optimizer: dict, scheduler: dict) -> None:

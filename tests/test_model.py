@@ -443,3 +443,15 @@ def test_loc_net_health_finds_dead_units_and_constant_predictions():
         head[-1].weight.normal_()
     health = loc_net_health(stn, x)[0]
     assert health["param_std"] > 0 and health["dead_units"] < 1.0
+
+
+def test_a_checkpoint_from_before_stages_loads_into_stage_zero(tmp_path):
+    model = STNClassifier("tps", loc_net=CHEAP)
+    _perturb(model.transformer)
+    old_keys = {key.replace("transformer.stages.0.loc_net.", "transformer.loc_net."): value
+                for key, value in model.state_dict().items()}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old_keys, "hyper_parameters": dict(model.hparams), "pretrained": False}, path)
+    loaded = STNClassifier.from_checkpoint(str(path)).eval()
+    x = images(2)
+    torch.testing.assert_close(loaded.transformer(x), model.eval().transformer(x))
