@@ -330,16 +330,20 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def quiet_trainer(root: Path, train_batches: int) -> L.Trainer:
+    """Two epochs of ``train_batches`` steps and one validation batch, on the CPU, writing nothing."""
+    return L.Trainer(
+        max_epochs=2, limit_train_batches=train_batches, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=root,
+    )
+
+
 def test_trainer_distorts_training_batches_afresh_each_epoch(tmp_path):
     write_fake_mnist(tmp_path)
     datamodule = MNISTDataModule(root=tmp_path, distortion="r", batch_size=32, val_size=50, seed=11)
     model = Recorder()
-    trainer = L.Trainer(
-        max_epochs=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=datamodule)
+    quiet_trainer(tmp_path, train_batches=2).fit(model, datamodule=datamodule)
     assert [epoch for epoch, _ in model.train_batches] == [0, 0, 1, 1]
     loader = datamodule.train_dataloader()
     for epoch in (0, 1):
@@ -584,12 +588,7 @@ def test_trainer_grows_the_training_distortion_step_by_step(tmp_path):
     write_fake_mnist(tmp_path)
     datamodule = MNISTDataModule(root=tmp_path, distortion="r", batch_size=32, val_size=50, seed=11, growth_epochs=2)
     model = Recorder()
-    trainer = L.Trainer(
-        max_epochs=2, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=datamodule)
+    quiet_trainer(tmp_path, train_batches=4).fit(model, datamodule=datamodule)
     loader = datamodule.train_dataloader()
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)
