@@ -26,7 +26,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-__all__ = ["LocalizationNet", "build_backbone"]
+__all__ = ["LocalizationNet", "build_backbone", "loc_net_view"]
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,7 @@ class LocalizationNet(nn.Module):
             raise ValueError(
                 f"The localization network takes images (N, 1 or 3, H, W), got {tuple(images.shape)}."
             )
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        return self.backbone((images - self.mean) / self.std).flatten(1)
+        return self.backbone(loc_net_view(images, self.input_size, self.mean, self.std)).flatten(1)
 
     def forward(self, images: Tensor) -> Tensor:
         """Transform parameters ``(N, *initial.shape)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
@@ -275,6 +271,16 @@ class LocalizationNet(nn.Module):
         if self.bounded:
             params = torch.tanh(params)
         return params.view(-1, *self.output_shape)
+
+
+def loc_net_view(images: Tensor, input_size: tuple[int, int] | None, mean: Tensor, std: Tensor) -> Tensor:
+    """What a backbone sees of images ``(N, 1 or 3, H, W)`` in ``[0, 1]``: three channels, resized to
+    ``input_size`` (``None``: as is), normalised with ``mean`` / ``std`` ``(1, 3, 1, 1)``."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
+        images = F.interpolate(images, size=input_size, mode="bilinear", align_corners=False, antialias=True)
+    return (images - mean) / std
 
 
 def _pair(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:

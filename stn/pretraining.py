@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, loc_net_view
 
 __all__ = ["pretrain_backbone"]
 
@@ -34,11 +34,9 @@ def _classifier(backbone: str, num_classes: int) -> nn.Module:
 
 def _view(images: Tensor, input_size: tuple[int, int]) -> Tensor:
     """uint8 ``(B, 1, 28, 28)`` -> normalised float ``(B, 3, H, W)``, as the loc-net sees images."""
-    images = images.float().div(255).expand(-1, 3, -1, -1)
-    images = F.interpolate(images, size=input_size, mode="bilinear", align_corners=False, antialias=True)
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return loc_net_view(images.float().div(255), input_size, mean, std)
 
 
 def pretrain_backbone(

@@ -327,11 +327,11 @@ def dataset_params(name: str, count: int, seed: int) -> dict[str, Tensor]:
     return {key: torch.cat([block[key] for block in blocks]) for key in blocks[0]}
 
 
-def distort_dataset(images: Tensor, name: str, seed: int) -> Tensor:
+def distort_dataset(images: Tensor, name: str, seed: int, params: dict[str, Tensor] | None = None) -> Tensor:
     """Distort a whole image set once, the same way on every machine, for any thread count.
 
-    The parameters are :func:`dataset_params` ``(name, N, seed)``; the maths runs in float64, block
-    by block, and the result is rounded to float32.
+    The parameters are :func:`dataset_params` ``(name, N, seed)`` (pass them as ``params`` when they
+    are already drawn); the maths runs in float64, block by block, and the result is rounded to float32.
 
     Args:
         images: ``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1].
@@ -340,7 +340,8 @@ def distort_dataset(images: Tensor, name: str, seed: int) -> Tensor:
     Returns:
         ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
     """
-    params = dataset_params(name, images.shape[0], seed)
+    if params is None:
+        params = dataset_params(name, images.shape[0], seed)
     blocks = []
     for start in range(0, images.shape[0], EVAL_BLOCK):
         block = to_float(images[start : start + EVAL_BLOCK].cpu(), torch.float64)

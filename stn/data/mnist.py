@@ -205,8 +205,8 @@ class MNISTDataModule(LightningDataModule):
 
     def _eval_set(self, images: Tensor, labels: Tensor, seed: int) -> TensorPairs:
         """Images distorted once from ``seed``, with each image's digit map (float32) as extras."""
-        distorted = distort_dataset(images, self.distortion, seed)
         params = dataset_params(self.distortion, images.shape[0], seed)
+        distorted = distort_dataset(images, self.distortion, seed, params)
         maps = {name: value.float() for name, value in digit_map(self.distortion, params).items()}
         return TensorPairs(distorted, labels, maps)
 
