@@ -11,10 +11,12 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from stn.cli import report_user_errors  # noqa: E402
 from stn.runner import evaluate  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -15,16 +15,18 @@ from omegaconf import DictConfig  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from stn.checkpoints import run_info  # noqa: E402
+from stn.cli import report_user_errors  # noqa: E402
 from stn.data import MNISTDataModule  # noqa: E402
 from stn.data.mnist_files import read_split  # noqa: E402
 from stn.figures import before_after  # noqa: E402
 from stn.module import STNClassifier  # noqa: E402
-from stn.runner import register_resolvers  # noqa: E402
+from stn.run_folders import register_resolvers  # noqa: E402
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="figure")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     data = run_info(cfg.ckpt_path)["config"]["data"]
     model = STNClassifier.from_checkpoint(cfg.ckpt_path).eval()

@@ -13,6 +13,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from stn.cli import report_user_errors  # noqa: E402
 from stn.pretraining import pretrain_backbone  # noqa: E402
 from stn.runner import register_resolvers  # noqa: E402
 
@@ -20,6 +21,7 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain_loc_net")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     datamodule = hydra.utils.instantiate(cfg.data, distortion="none")
     datamodule.prepare_data()

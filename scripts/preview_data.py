@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from stn.cli import report_user_errors  # noqa: E402
 from stn.runner import register_resolvers  # noqa: E402
 
 
@@ -24,6 +25,7 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="preview_data")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()

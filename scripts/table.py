@@ -7,7 +7,9 @@ log-scale / shift, and the non-similar residual for p and e) left after the tran
 """
 
 import argparse
+import sys
 
+from stn.errors import UserError
 from stn.results import collect_runs, pose_table, results_table
 
 
@@ -15,7 +17,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a multirun folder (or any folder holding Hydra job folders)")
     args = parser.parse_args()
-    runs = collect_runs(args.folder)
+    try:
+        runs = collect_runs(args.folder)
+    except UserError as error:
+        sys.exit(f"Error: {error}")
     print("Test error (%):\n")
     print(results_table(runs))
     print("\nDistortion left after the transformer (test set; angle / log-scale / shift, 1 = identity, 0 = all in one pose):\n")

@@ -12,10 +12,12 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from stn.cli import report_user_errors  # noqa: E402
 from stn.runner import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@report_user_errors
 def main(cfg: DictConfig) -> float | None:
     """Returns the metric named by ``optimized_metric`` (for hyperparameter sweepers), if set."""
     summary = train(cfg)

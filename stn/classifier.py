@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from stn.errors import SettingError
+
 __all__ = ["CNNClassifier", "POOLS"]
 
 POOLS = ("gap", "flat")
@@ -54,7 +56,7 @@ class CNNClassifier(nn.Module):
     ):
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(
+            raise SettingError(
                 f"Unknown classifier pooling {pool!r}. Set model.classifier.pool to gap (global average "
                 "pooling, translation-invariant) or flat (the flattened feature map, as in the paper)."
             )

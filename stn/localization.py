@@ -26,6 +26,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from stn.errors import MissingInputError, SettingError
+
 __all__ = ["LocalizationNet", "build_backbone", "loc_net_view"]
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def _backbone_names() -> list[str]:
 def _check_backbone_name(name: str) -> None:
     names = _backbone_names()
     if name not in names:
-        raise ValueError(
+        raise SettingError(
             f"Unknown backbone {name!r} for the localization network. Set model.loc_net.backbone to "
             f"one of torchvision's classification models: {', '.join(names)}."
         )
@@ -53,7 +55,7 @@ def _head_name(model: nn.Module, backbone: str) -> str:
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
-    raise ValueError(
+    raise SettingError(
         f"Cannot find the classifier head of backbone {backbone!r}: it has none of the attributes "
         f"{HEAD_NAMES}. Choose another model.loc_net.backbone (e.g. resnet18)."
     )
@@ -67,7 +69,7 @@ def _enum_weights(backbone: str, name: str) -> torchvision.models.WeightsEnum:
     enum = torchvision.models.get_model_weights(backbone)
     choices = ["DEFAULT", *enum.__members__]
     if name not in choices:
-        raise ValueError(
+        raise SettingError(
             f"Unknown weights {name!r} for backbone {backbone!r}. Set model.loc_net.weights to one of "
             f"{', '.join(dict.fromkeys(choices))}, a path to a local .pth state_dict, or null for random "
             "initialisation."
@@ -86,7 +88,7 @@ def _load_state_dict(model: nn.Module, state: dict[str, Tensor], head: str, sour
     body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise SettingError(
             f"The weights from {source} do not fit this backbone: missing keys {missing[:5]}, "
             f"unexpected keys {unexpected[:5]}. Pass a state_dict saved from the same torchvision "
             "model as model.loc_net.backbone (torch.save(model.state_dict(), path))."
@@ -101,7 +103,7 @@ class NodeOutput(nn.Module):
         nodes = get_graph_node_names(model)[1]
         if node not in nodes and not any(name.startswith(f"{node}.") for name in nodes):
             blocks = ", ".join(dict.fromkeys(name.split(".")[0] for name in nodes))
-            raise ValueError(
+            raise SettingError(
                 f"Backbone {backbone!r} has no node {node!r}. Set model.loc_net.feature_node to one of "
                 f"its blocks ({blocks}), an inner node listed by torchvision.models.feature_extraction."
                 "get_graph_node_names, or null for the pooled features."
@@ -147,7 +149,7 @@ def _load_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple
     if _is_path(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.loc_net.weights points to {path}, which does not exist. Give the path of a "
                 "state_dict saved with torch.save(model.state_dict(), path), an enum name such as "
                 "DEFAULT, or null for random initialisation."
@@ -211,14 +213,14 @@ class LocalizationNet(nn.Module):
         super().__init__()
         initial = torch.as_tensor(initial, dtype=torch.float32)
         if bounded and not bool((initial.abs() < 1).all()):
-            raise ValueError(
+            raise SettingError(
                 "model.loc_net.bounded=true squashes outputs into (-1, 1), but the identity "
                 f"parameters reach {float(initial.abs().max()):.3g}, so the identity cannot be "
                 "represented. For TPS set model.tps.margin > 0 (e.g. 0.1); for the affine transform "
                 "set model.loc_net.bounded=false."
             )
         if feature_node is not None and input_size is None:
-            raise ValueError(
+            raise SettingError(
                 f"model.loc_net.feature_node={feature_node!r} needs model.loc_net.input_size: the head "
                 "reads the flattened feature map, whose size depends on the view size. Set e.g. "
                 "model.loc_net.input_size=32."
@@ -260,7 +262,7 @@ class LocalizationNet(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """Backbone features ``(N, F)`` for images ``(N, C, H, W)`` in ``[0, 1]``, C in {1, 3}."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(
+            raise SettingError(
                 f"The localization network takes images (N, 1 or 3, H, W), got {tuple(images.shape)}."
             )
         return self.backbone(loc_net_view(images, self.input_size, self.mean, self.std)).flatten(1)
@@ -287,7 +289,7 @@ def _pair(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-        raise ValueError(
+        raise SettingError(
             f"model.loc_net.input_size must be an int or (H, W) of positive ints, got {size!r}."
         )
     return int(size[0]), int(size[1])

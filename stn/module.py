@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -13,10 +13,12 @@ from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
+from stn.errors import CorruptInputError, DivergedError, SettingError
+from stn.health import loc_net_health
 from stn.pose import PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
-from stn.health import loc_net_health
 from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
@@ -58,6 +60,11 @@ class STNClassifier(L.LightningModule):
             CPUs and tensor cores).
         log_images_every_n_epochs: how often to log image grids to TensorBoard (0: never).
         num_log_images: how many images of the first validation batch to log.
+        freeze_classifier: ``(first, end)`` training epochs ``first <= epoch < end`` in which the
+            classifier is frozen (no updates, evaluation mode for its batch norm and dropout), so that
+            only the transformer can lower the loss; ``None``: never. With a curriculum
+            (``data.clean_epochs``) the classifier first learns upright digits, and while it is frozen
+            the transformer must bring distorted ones to that pose.
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class STNClassifier(L.LightningModule):
         channels_last: bool = False,
         log_images_every_n_epochs: int = 1,
         num_log_images: int = 16,
+        freeze_classifier: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -102,6 +110,8 @@ class STNClassifier(L.LightningModule):
             f"{split}_{which}": PoseSpread() for split in ("val", "test") for which in ("after", "identity")
         })
         self._first_val_batch: Tensor | None = None
+        self.freeze_classifier = _check_epoch_range(freeze_classifier)
+        self._classifier_frozen = False
 
     @property
     def pretrained(self) -> bool:
@@ -111,7 +121,18 @@ class STNClassifier(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
+        self._check_images(images)
         return self.classify(self.transformer(images))
+
+    def _check_images(self, images: Tensor) -> None:
+        channels = self.hparams.in_channels
+        if images.dim() != 4 or images.shape[1] != channels or not images.is_floating_point():
+            raise SettingError(
+                f"The model takes float images (N, C, H, W) with C = model.in_channels = {channels}, got a "
+                f"{images.dtype} tensor of shape {tuple(images.shape)}. Pass a batch of {channels}-channel "
+                f"images in [0, 1] (add the batch axis with images[None], convert uint8 with images / 255), "
+                "or train a model with the matching model.in_channels."
+            )
 
     def classify(self, warped: Tensor) -> Tensor:
         """Class logits ``(N, num_classes)`` for warped images ``(N, C, H', W')``."""
@@ -119,12 +140,14 @@ class STNClassifier(L.LightningModule):
 
     def _step(self, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         """Logits, every stage's parameters and the sampling grid ``(N, H', W', 2)``."""
+        self._check_images(images)
         params = self.transformer.localize(images)
         grid = self.transformer.grid(params, images)
         return self.classify(self.transformer.sample(images, grid)), params, grid
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
+        self._freeze_classifier_in_its_epochs()
         logits, params, _ = self._step(images)
         loss = F.cross_entropy(logits, labels)
         bending = self.transformer.bending(params) if self.bending_weight else None
@@ -138,21 +161,39 @@ class STNClassifier(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def _freeze_classifier_in_its_epochs(self) -> None:
+        """Freeze the classifier (no gradients, evaluation mode) inside ``freeze_classifier``; thaw it after."""
+        first, end = self.freeze_classifier or (0, 0)
+        frozen = first <= self.current_epoch < end
+        if frozen != self._classifier_frozen:
+            self.classifier.requires_grad_(not frozen)
+            self.classifier.train(not frozen)
+            self._classifier_frozen = frozen
+
     def _check_finite(self, loss: Tensor) -> None:
         if torch.isfinite(loss):
             return
         loc_nets = self.transformer.loc_nets
         lr = self.optimizer_config.get("lr")
         lr_mult = loc_nets[0].lr_mult if loc_nets else None
-        raise FloatingPointError(
+        raise DivergedError(
             f"The training loss is {loss.item()} at epoch {self.current_epoch}, step "
             f"{self.global_step}. The usual cause is a localization network that moves too fast: its "
             "predicted transform runs off the image, the sampling grid folds and the classifier diverges "
             "(the loc/stage<k>/param_std curves in TensorBoard rise steeply before it). Lower "
             f"model.loc_net.lr_mult (now {lr_mult}) or model.optimizer.lr (now {lr}), keep a hidden layer "
             "in the loc-net head (model.loc_net.hidden > 0), set trainer.gradient_clip_val (e.g. 1.0), set "
-            "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0."
+            "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0. "
+            f"{self._last_good_checkpoint()}"
         )
+
+    def _last_good_checkpoint(self) -> str:
+        """Where a diverged run can be resumed from: nothing after that checkpoint was saved."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        path = callback.last_model_path if callback else ""
+        if not path:
+            return "No checkpoint was saved before it."
+        return f"The last good checkpoint is {path} (nothing after it was saved); resume with ckpt_path={path}."
 
     def _eval_step(self, batch: tuple, split: str, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
         images, labels, *extras = batch
@@ -287,13 +328,20 @@ class STNClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = _single_stage_keys(checkpoint["state_dict"])
 
+    def check_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Raise a one-paragraph error unless ``checkpoint`` (read from ``path``) fits this model."""
+        check_architecture(_single_stage_keys(checkpoint["state_dict"]), self, path)
+
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> STNClassifier:
         """Rebuild a trained model from a checkpoint without fetching backbone weights again."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = load_checkpoint(path, map_location)
+        if "hyper_parameters" not in checkpoint:
+            raise CorruptInputError(f"{path} holds no model settings (hyper_parameters): it was not written by scripts/train.py.")
         hparams = dict(checkpoint["hyper_parameters"])
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
         model = cls(**hparams)
+        model.check_checkpoint(checkpoint, path)
         model.load_state_dict(_single_stage_keys(checkpoint["state_dict"]))
         for loc_net in model.transformer.loc_nets:
             loc_net.pretrained = bool(checkpoint.get("pretrained", False))
@@ -308,17 +356,29 @@ def _single_stage_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for key, value in state.items()}
 
 
+def _check_epoch_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
+    if epochs is None:
+        return None
+    if isinstance(epochs, str) or len(epochs) != 2 or not all(isinstance(e, (int, float)) for e in epochs) or not 0 <= epochs[0] <= epochs[1]:
+        raise SettingError(
+            f"model.freeze_classifier must be null or [first, end], the training epochs first <= epoch < end "
+            f"in which the classifier is frozen (0 <= first <= end), got {epochs!r}. Set e.g. "
+            "model.freeze_classifier=[1,3]."
+        )
+    return float(epochs[0]), float(epochs[1])
+
+
 def _check_optimization(optimizer: dict, scheduler: dict) -> None:
     name = optimizer.get("name")
     if name not in OPTIMIZERS:
-        raise ValueError(
+        raise SettingError(
             f"Unknown optimizer {name!r}. Set model.optimizer.name to one of {', '.join(OPTIMIZERS)}."
         )
     lr = optimizer.get("lr")
     if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"model.optimizer.lr must be a positive number, got {lr!r}.")
+        raise SettingError(f"model.optimizer.lr must be a positive number, got {lr!r}.")
     if scheduler.get("name") not in SCHEDULERS:
-        raise ValueError(
+        raise SettingError(
             f"Unknown scheduler {scheduler.get('name')!r}. Set model.scheduler.name to one of "
             f"{', '.join(SCHEDULERS)}."
         )

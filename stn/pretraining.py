@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from stn.errors import SettingError
 from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, loc_net_view
 
 __all__ = ["pretrain_backbone"]
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def _classifier(backbone: str, num_classes: int) -> nn.Module:
     model = torchvision.models.get_model(backbone, weights=None, num_classes=num_classes)
     if not any(isinstance(getattr(model, name, None), nn.Module) for name in HEAD_NAMES):
-        raise ValueError(f"Backbone {backbone!r} has no classifier head ({HEAD_NAMES}); choose e.g. resnet18.")
+        raise SettingError(f"Backbone {backbone!r} has no classifier head ({HEAD_NAMES}); choose e.g. resnet18.")
     return model
 
 

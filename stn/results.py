@@ -3,7 +3,7 @@
 Every job folder of a Hydra multirun holds ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``
 (written before the job starts) and, when the job finished, ``metrics.json``. Jobs are grouped by
 model (``model.transform``), distortion (``data.distortion``) and the other overrides that differ
-between the jobs (the seed aside); each cell reports test error as mean ± std over seeds with the
+between the jobs (the seed and ckpt_path aside); each cell reports test error as mean ± std over seeds with the
 number of runs. Jobs without a finite test error are counted, never dropped: as failed when they left
 ``error.txt`` (or a non-finite error), as unfinished when they left nothing (still running, or
 stopped from outside, e.g. by a cluster time limit).
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from stn.errors import MissingInputError
+
 __all__ = ["PAPER_ERROR", "Run", "collect_runs", "results_table", "pose_table", "model_kind"]
 
 MODEL_NAMES = {"none": "CNN", "affine": "ST-CNN Aff", "tps": "ST-CNN TPS"}
@@ -43,7 +45,7 @@ PAPER_ERROR = {
 }
 """Test error (%) on distorted MNIST, Jaderberg et al. 2015, Table 1."""
 
-IGNORED_OVERRIDES = ("seed", "+experiment", "experiment", "+sweep", "sweep", "model.transform", "data.distortion")
+IGNORED_OVERRIDES = ("seed", "ckpt_path", "+experiment", "experiment", "+sweep", "sweep", "model.transform", "data.distortion")
 
 
 def model_kind(transform: str | list[str]) -> tuple[str, str]:
@@ -152,10 +154,10 @@ def collect_runs(root: str | Path) -> list[Run]:
     """Every job folder below ``root`` (a folder with ``.hydra/config.yaml``), in path order."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"No such folder: {root}. Pass a multirun folder, e.g. outputs/multirun/<date>/<time>.")
+        raise MissingInputError(f"No such folder: {root}. Pass a multirun folder, e.g. outputs/multirun/<date>/<time>.")
     folders = sorted(path.parent.parent for path in root.rglob(".hydra/config.yaml"))
     if not folders:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No Hydra job folders (with .hydra/config.yaml) below {root}. Pass the folder a sweep "
             "wrote, e.g. outputs/multirun/<date>/<time>."
         )

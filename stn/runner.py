@@ -1,13 +1,12 @@
 """What the scripts do: train, evaluate and warp from a Hydra config.
 
 The only module of the package that knows about Hydra/OmegaConf. Trainer, callbacks and logger are
-plain values in the config (``configs/trainer``, ``configs/callbacks``, ``configs/logger``) and are
-built here; every ``_target_`` in the configs names a class of ``stn``.
+plain values in the config (``configs/trainer``, ``configs/callbacks``, ``configs/logger``); callbacks
+and loggers are Lightning's classes (or any others) named by ``_target_`` and built by Hydra here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,100 +16,69 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import (
-    Callback,
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichModelSummary,
-    RichProgressBar,
-)
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
-from stn.checkpoints import run_info
+from stn.callbacks import StepSeed, RunInfo
+from stn.checkpoints import AtomicCheckpointIO, load_checkpoint, run_info
+from stn.errors import SettingError, user_error
+from stn.images import image_files, load_image
 from stn.module import STNClassifier
+from stn.run_folders import LAST, register_resolvers, resume_point
 
 __all__ = ["train", "evaluate", "warp", "build_callbacks", "build_logger"]
 
 log = logging.getLogger(__name__)
 
-CALLBACKS = {
-    "model_checkpoint": ModelCheckpoint,
-    "early_stopping": EarlyStopping,
-    "lr_monitor": LearningRateMonitor,
-    "rich_progress_bar": RichProgressBar,
-    "rich_model_summary": RichModelSummary,
-}
-LOGGERS = {"tensorboard": TensorBoardLogger, "csv": CSVLogger}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-
-
-def job_folder_name(overrides: str, limit: int = 120) -> str:
-    """A sweep job's folder name from Hydra's ``override_dirname`` that stays a legal file name.
-
-    Short lists stay as they are (``model.tps.rows=3,seed=2``). Longer ones keep only the last part
-    of every key (``rows=3,seed=2``) and, if still too long, are cut with a hash of the whole list;
-    the job number in front keeps names unique and ``.hydra/overrides.yaml`` holds the full list.
-    """
-    if len(overrides) <= limit:
-        return overrides
-    short = ",".join(_last_key_part(item) for item in overrides.split(","))
-    if len(short) <= limit:
-        return short
-    return short[: limit - 9] + "~" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
-
-
-def _last_key_part(item: str) -> str:
-    """``model.tps.rows=3`` -> ``rows=3``."""
-    key, separator, value = item.partition("=")
-    return key.rsplit(".", 1)[-1] + separator + value
-
-
-def register_resolvers() -> None:
-    """``${job_folder_name:...}`` for configs/hydra (sweep job folders); safe to call again."""
-    OmegaConf.register_new_resolver("job_folder_name", job_folder_name, replace=True)
-
-
 register_resolvers()
 
 
 def build_callbacks(config: DictConfig | None) -> list[Callback]:
-    """Lightning callbacks from ``{name: keyword arguments or null}``; see :data:`CALLBACKS`."""
-    return _build_named(config, CALLBACKS, "callback", "callbacks")
+    """Lightning callbacks from ``{name: {_target_: class, **kwargs} or null}``; null entries are skipped."""
+    return _build_targets(config, "callbacks", Callback, "lightning.pytorch.callbacks.ModelCheckpoint")
 
 
 def build_logger(config: DictConfig | None) -> list[Logger] | bool:
-    """Lightning loggers from ``{name: keyword arguments or null}``; ``False`` when there are none."""
-    return _build_named(config, LOGGERS, "logger", "logger") or False
+    """Lightning loggers from ``{name: {_target_: class, **kwargs} or null}``; ``False`` when there are none."""
+    return _build_targets(config, "logger", Logger, "lightning.pytorch.loggers.TensorBoardLogger") or False
 
 
-def _build_named(config: DictConfig | None, known: dict[str, type], kind: str, group: str) -> list:
-    """One object per non-null entry of ``config``, built from ``known[name](**kwargs)``."""
+def _build_targets(config: DictConfig | None, group: str, kind: type, example: str) -> list:
+    """One object per non-null entry of ``config``, instantiated by Hydra from its ``_target_``."""
     built = []
-    for name, kwargs in (config or {}).items():
-        if kwargs is None:
+    for name, entry in (config or {}).items():
+        if entry is None:
             continue
-        if name not in known:
-            raise ValueError(f"Unknown {kind} {name!r} in {group}. Known {kind}s: {', '.join(known)}.")
-        built.append(known[name](**OmegaConf.to_container(kwargs, resolve=True)))
+        key = f"{group}.{name}"
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise SettingError(
+                f"{key} has no _target_. Every entry of {group} names the class it builds, e.g. "
+                f"{key}._target_={example}, or is null to switch it off."
+            )
+        try:
+            built_object = instantiate(entry)
+        except InstantiationException as error:
+            if user_error(error):
+                raise
+            cause = error.__cause__ or error
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+            raise SettingError(
+                f"{key} could not be built from _target_={entry._target_} ({reason}). Give the full import "
+                f"path of a {kind.__name__} class and only keyword arguments it takes, e.g. {key}._target_={example}, "
+                f"or set {key}=null."
+            ) from error
+        if not isinstance(built_object, kind):
+            raise SettingError(
+                f"{key}._target_={entry._target_} built a {type(built_object).__name__}, not a Lightning "
+                f"{kind.__name__}. Name a {kind.__name__} class, e.g. {example}."
+            )
+        built.append(built_object)
     return built
-
-
-class RunInfo(Callback):
-    """Stores the run's resolved config and image size in every checkpoint (for eval and warp)."""
-
-    def __init__(self, config: dict):
-        self.config = config
-
-    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint["run"] = {"config": self.config, "image_size": list(trainer.datamodule.image_size)}
 
 
 def _resolved(cfg: DictConfig) -> dict:
@@ -169,33 +137,58 @@ def _scalars(trainer: L.Trainer, prefix: str) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict:
     """Seed, build, fit, test the best checkpoint; write ``metrics.json``. Returns its content.
 
-    A run that fails leaves its traceback in ``error.txt`` in the run folder (so a sweep's table
-    can say why) and raises on.
+    ``ckpt_path=last`` continues this run folder (:mod:`stn.run_folders`): a finished run is skipped
+    (its ``metrics.json`` is returned), an interrupted one resumes from ``checkpoints/last.ckpt``. A
+    run that fails leaves ``error.txt`` in the run folder (the traceback, or a mistake's paragraph) so
+    a sweep's table can say why, and raises on.
     """
     try:
         return _train(cfg)
-    except Exception:
-        Path(cfg.paths.output_dir, "error.txt").write_text(traceback.format_exc())
+    except Exception as error:
+        mistake = user_error(error)
+        report = f"{type(mistake).__name__}: {mistake}\n" if mistake else traceback.format_exc()
+        Path(cfg.paths.output_dir, "error.txt").write_text(report)
         raise
+
+
+def _start_checkpoint(cfg: DictConfig) -> tuple[str | None, Path | None]:
+    """The checkpoint ``fit`` starts from, and ``metrics.json`` when ``ckpt_path=last`` finds the run finished."""
+    if cfg.ckpt_path != LAST:
+        return cfg.ckpt_path, None
+    state, path = resume_point(cfg.paths.output_dir)
+    if state == "finished":
+        return None, path
+    if state == "resume":
+        log.info("ckpt_path=last: resuming %s from %s", cfg.paths.output_dir, path)
+        return str(path), None
+    log.info("ckpt_path=last: no earlier run of this command in %s; starting it", cfg.paths.output_dir)
+    return None, None
 
 
 def _train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path, finished = _start_checkpoint(cfg)
+    if finished:
+        print(f"Already finished, skipped: {finished}")
+        return json.loads(finished.read_text())
+    seed = L.seed_everything(cfg.seed, workers=True)
+    callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg)), StepSeed(seed)]
+    logger = build_logger(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     model: STNClassifier = instantiate(cfg.model)
-    callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg))]
-    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=build_logger(cfg.get("logger")))
+    if ckpt_path and cfg.train:
+        model.check_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     metrics: dict[str, float] = {}
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_scalars(trainer, "val/"))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.test:
-        ckpt = best or (None if cfg.train else cfg.ckpt_path)
+        ckpt = best or (None if cfg.train else ckpt_path)
         if cfg.train and not best:
             log.warning("No best checkpoint was saved (checkpointing off?): testing the final weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update(_scalars(trainer, "test/"))
     extra = {
         "pretrained": model.pretrained,
@@ -239,31 +232,12 @@ def evaluate(cfg: DictConfig) -> dict:
     return _finish(trainer, config, cfg.paths.output_dir, _scalars(trainer, "test/"), extra)
 
 
-def _image_files(source: Path) -> list[Path]:
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
-    if not files or not all(p.is_file() for p in files):
-        raise FileNotFoundError(
-            f"input={source} is neither an image file nor a folder holding {', '.join(IMAGE_SUFFIXES)} "
-            "files. Pass input=<image file or folder>."
-        )
-    return files
-
-
-def load_image(path: Path, channels: int, size: tuple[int, int], invert: bool = False) -> torch.Tensor:
-    """An image file as the model sees it: float ``(channels, H, W)`` in [0, 1] at ``size``."""
-    with Image.open(path) as file:
-        image = pil_to_tensor(file.convert("L" if channels == 1 else "RGB")).float() / 255
-    if invert:
-        image = 1 - image
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
 def warp(cfg: DictConfig) -> list[Path]:
     """Write ``<name>_before.png`` / ``<name>_after.png`` for every input image; return the paths."""
     run = run_info(cfg.ckpt_path)
     model = STNClassifier.from_checkpoint(cfg.ckpt_path).eval()
     size = tuple(run["image_size"])
-    files = _image_files(Path(cfg.input))
+    files = image_files(Path(cfg.input))
     images = torch.stack([load_image(p, model.hparams.in_channels, size, cfg.invert) for p in files])
     with torch.no_grad():
         warped = model.transformer(images)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stn.errors import SettingError
+
 __all__ = ["grid_points", "TPSGridGen", "tps_warp", "warp_points", "bending_energy"]
 
 
@@ -35,13 +37,13 @@ def grid_points(rows: int, cols: int, margin: float = 0.0) -> Tensor:
         ``(rows * cols, 2)`` float32 tensor.
     """
     if int(rows) != rows or int(cols) != cols or rows < 2 or cols < 2:
-        raise ValueError(
+        raise SettingError(
             f"A TPS control-point grid needs at least 2 rows and 2 columns, got rows={rows}, "
             f"cols={cols}: a single row or column puts every point on one line, which leaves the "
             "spline undetermined. Set the grid (e.g. model.tps.rows / model.tps.cols) to 2 or more."
         )
     if not 0.0 <= margin < 1.0:
-        raise ValueError(
+        raise SettingError(
             f"The control-point margin must lie in [0, 1), got margin={margin}: it is the inset "
             "from the image border in normalised units, and 1 or more collapses the grid to a "
             "point. Set the margin (e.g. model.tps.margin) to a value such as 0.0 or 0.1."
@@ -61,29 +63,29 @@ def _kernel(a: Tensor, b: Tensor) -> Tensor:
 def _check_target_points(target_points: Tensor) -> Tensor:
     """Validate ``(T, 2)`` target points and return them as float64 on their device."""
     if target_points.ndim != 2 or target_points.shape[-1] != 2:
-        raise ValueError(
+        raise SettingError(
             f"target_points must have shape (T, 2) in normalised xy, got {tuple(target_points.shape)}. "
             "Build them with stn.tps.grid_points(rows, cols) or pass a (T, 2) tensor."
         )
     count = target_points.shape[0]
     if count < 3:
-        raise ValueError(
+        raise SettingError(
             f"A thin-plate spline needs at least 3 non-collinear control points, got T={count}. "
             "Use a layout with more points, e.g. grid_points(2, 2) or larger."
         )
     points = target_points.detach().to(torch.float64)
     if not torch.isfinite(points).all():
-        raise ValueError("target_points contain NaN or infinity; every control point must be finite.")
+        raise SettingError("target_points contain NaN or infinity; every control point must be finite.")
     gaps = torch.cdist(points, points) + torch.eye(count, dtype=points.dtype, device=points.device)
     if gaps.min() < 1e-9:
         i, j = divmod(int(torch.argmin(gaps)), count)
-        raise ValueError(
+        raise SettingError(
             f"target_points {i} and {j} coincide ({points[i].tolist()}); duplicate control points "
             "make the TPS system singular. Remove duplicates or use a layout with distinct points."
         )
     spread = torch.linalg.svdvals(points - points.mean(0))
     if spread[-1] < 1e-9 * max(1.0, float(spread[0])):
-        raise ValueError(
+        raise SettingError(
             f"All {count} target_points lie on one line, so the affine part of the TPS system is "
             "singular. Use control points that span both axes, e.g. grid_points(rows>=2, cols>=2)."
         )
@@ -104,7 +106,7 @@ def _system_inverse(points: Tensor) -> Tensor:
     inverse = torch.linalg.inv(system)
     residual = (system @ inverse - torch.eye(count + 3, dtype=torch.float64, device=points.device)).abs().max()
     if not torch.isfinite(inverse).all() or residual > 1e-6:
-        raise ValueError(
+        raise SettingError(
             f"The TPS system for these {count} target_points is singular or ill-conditioned "
             f"(inverse residual {float(residual):.2e}). Spread the control points out: nearly "
             "coincident or nearly collinear points make the spline undetermined."
@@ -126,21 +128,21 @@ def _base_grid(size: tuple[int, int], align_corners: bool, device: torch.device 
 
 def _check_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-        raise ValueError(f"The output size must be (H, W) with positive integers, got {size!r}.")
+        raise SettingError(f"The output size must be (H, W) with positive integers, got {size!r}.")
     return int(size[0]), int(size[1])
 
 
 def _check_source_points(source_points: Tensor, count: int) -> None:
     if source_points.ndim != 3 or source_points.shape[1:] != (count, 2):
-        raise ValueError(
+        raise SettingError(
             f"source_points must have shape (N, {count}, 2) to match the {count} target points, got "
             f"{tuple(source_points.shape)}. The localization network must predict one xy pair per "
             "control point."
         )
     if not source_points.is_floating_point():
-        raise ValueError(f"source_points must be a floating-point tensor, got {source_points.dtype}.")
+        raise SettingError(f"source_points must be a floating-point tensor, got {source_points.dtype}.")
     if not torch.isfinite(source_points).all():
-        raise ValueError(
+        raise SettingError(
             "source_points contain NaN or infinity. If they come from a localization network, its "
             "training has diverged: lower the loc-net learning rate or bound its outputs (tanh)."
         )
@@ -242,12 +244,12 @@ class TPSGridGen(nn.Module):
 
 def _check_image(image: Tensor, source_points: Tensor) -> None:
     if image.ndim != 4:
-        raise ValueError(
+        raise SettingError(
             f"image must have shape (N, C, H, W), got {tuple(image.shape)}. Add a batch dimension "
             "with image[None] or a channel dimension with image[:, None]."
         )
     if image.shape[0] != source_points.shape[0]:
-        raise ValueError(
+        raise SettingError(
             f"image batch size {image.shape[0]} does not match source_points batch size "
             f"{source_points.shape[0]}; pass one set of control points per image."
         )
@@ -291,7 +293,7 @@ def warp_points(points: Tensor, source_points: Tensor, target_points: Tensor) ->
     points_t = _check_target_points(torch.as_tensor(target_points))
     _check_source_points(source_points, points_t.shape[0])
     if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] != source_points.shape[0]:
-        raise ValueError(
+        raise SettingError(
             f"points must have shape (N, P, 2) with N={source_points.shape[0]} as in source_points, "
             f"got {tuple(points.shape)}."
         )

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stn.errors import SettingError
 from stn.localization import LocalizationNet
 from stn.tps import TPSGridGen, bending_energy, grid_points, warp_points
 
@@ -201,7 +202,7 @@ def _stage_kinds(transform: str | Sequence[str]) -> list[str]:
         return []
     unknown = [kind for kind in kinds if kind not in STAGE_KINDS]
     if unknown or not kinds:
-        raise ValueError(
+        raise SettingError(
             f"Unknown transform {transform!r}. Set model.transform to one of {', '.join(TRANSFORMS)}, or to "
             f"a list of stages applied in order, e.g. model.transform=[similarity,tps] ('none' only alone)."
         )

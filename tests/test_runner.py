@@ -1,33 +1,45 @@
-"""The runner's config-to-object helpers: callbacks and loggers by name."""
+"""The runner's config-to-object helpers: callbacks and loggers from their ``_target_``."""
 
 from __future__ import annotations
 
 import pytest
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from stn.runner import CALLBACKS, LOGGERS, build_callbacks, build_logger
+from stn.errors import SettingError
+from stn.runner import build_callbacks, build_logger
 
 
-def test_callbacks_are_built_by_name_and_null_entries_are_skipped(tmp_path):
+def test_callbacks_are_built_from_their_target_and_null_entries_are_skipped(tmp_path):
     config = OmegaConf.create({
-        "model_checkpoint": {"dirpath": str(tmp_path), "monitor": "val/acc", "mode": "max"},
+        "model_checkpoint": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "dirpath": str(tmp_path),
+                             "monitor": "val/acc", "mode": "max"},
         "early_stopping": None,
-        "lr_monitor": {"logging_interval": "step"},
+        "lr_monitor": {"_target_": "lightning.pytorch.callbacks.LearningRateMonitor", "logging_interval": "step"},
+        "swa": {"_target_": "lightning.pytorch.callbacks.StochasticWeightAveraging", "swa_lrs": 1e-3},
     })
-    checkpoint, lr_monitor = build_callbacks(config)
+    checkpoint, lr_monitor, swa = build_callbacks(config)
     assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.monitor == "val/acc" and checkpoint.mode == "max"
     assert isinstance(lr_monitor, LearningRateMonitor) and lr_monitor.logging_interval == "step"
+    assert isinstance(swa, StochasticWeightAveraging)
     assert build_callbacks(None) == []
 
 
-def test_no_logger_means_false():
+def test_loggers_are_built_from_their_target_and_none_means_false(tmp_path):
+    (csv,) = build_logger(OmegaConf.create({"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path)}}))
+    assert isinstance(csv, CSVLogger)
     assert build_logger(None) is False
     assert build_logger(OmegaConf.create({"tensorboard": None})) is False
 
 
-@pytest.mark.parametrize(("build", "group", "known"), [(build_callbacks, "callbacks", CALLBACKS), (build_logger, "logger", LOGGERS)])
-def test_unknown_names_list_the_known_ones(build, group, known):
-    with pytest.raises(ValueError, match=f"'wandb' in {group}") as error:
-        build(OmegaConf.create({"wandb": {}}))
-    assert all(name in str(error.value) for name in known)
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"_target_": "lightning.pytorch.callbacks.NoSuchCallback"}, r"callbacks\.mine could not be built from _target_=lightning\.pytorch\.callbacks\.NoSuchCallback"),
+    ({"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "no_such_argument": 1}, r"callbacks\.mine could not be built.*no_such_argument"),
+    ({"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "."}, r"built a CSVLogger, not a Lightning Callback"),
+    ({"monitor": "val/acc"}, r"callbacks\.mine has no _target_"),
+])
+def test_a_wrong_callback_entry_is_one_paragraph_naming_it(entry, message):
+    with pytest.raises(SettingError, match=message) as error:
+        build_callbacks(OmegaConf.create({"mine": entry}))
+    assert "\n" not in str(error.value)

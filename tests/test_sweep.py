@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stn.runner import job_folder_name
+from stn.run_folders import job_folder_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stn.errors import SettingError
 from stn.tps import TPSGridGen
 
 __all__ = [
@@ -78,7 +79,7 @@ _CORNERS = ((-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))  # top-left, top
 def check_distortion(name: str) -> str:
     """Return ``name`` if it is one of :data:`DISTORTIONS`, else raise a ``ValueError`` naming the fix."""
     if name not in DISTORTIONS:
-        raise ValueError(
+        raise SettingError(
             f"Unknown MNIST distortion {name!r}. Choose one of {', '.join(DISTORTIONS)} (none: plain MNIST; "
             "r: rotated; rts: rotated, scaled and translated on a 42x42 canvas; p: projective; e: elastic), "
             "e.g. data.distortion=rts on the command line or distortion='rts' in Python."
@@ -95,14 +96,14 @@ def output_size(name: str) -> tuple[int, int]:
 def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``(N, C, 28, 28)`` uint8 in [0, 255] or float in [0, 1] -> float ``dtype`` in [0, 1]."""
     if images.ndim != 4 or tuple(images.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
-        raise ValueError(
+        raise SettingError(
             f"MNIST distortions take undistorted digits of shape (N, C, 28, 28), got {tuple(images.shape)}. "
             "Add a channel dimension with images[:, None] and distort each image only once."
         )
     if images.dtype == torch.uint8:
         return images.to(dtype) / 255
     if not images.is_floating_point():
-        raise ValueError(f"MNIST images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}.")
+        raise SettingError(f"MNIST images must be uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}.")
     return images.to(dtype)
 
 
@@ -144,7 +145,7 @@ def sample_params(
     """
     check_distortion(name)
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"The distortion strength must lie in [0, 1], got {strength}.")
+        raise SettingError(f"The distortion strength must lie in [0, 1], got {strength}.")
     options = {"generator": generator, "device": generator.device, "dtype": dtype}
 
     def uniform(low: float, high: float, *shape: int) -> Tensor:
@@ -305,7 +306,7 @@ def distort(images: Tensor, name: str, generator: torch.Generator, strength: flo
         ``(N, C, H, W)`` float in [0, 1], ``(H, W)`` = :func:`output_size` (42x42 for rts, else 28x28).
     """
     if images.device.type != generator.device.type:
-        raise ValueError(
+        raise SettingError(
             f"The images are on {images.device} but the generator is on {generator.device}; draw distortions "
             "on the images' device: torch.Generator(device=images.device).manual_seed(seed)."
         )

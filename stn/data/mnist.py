@@ -38,6 +38,7 @@ from stn.data.distortions import (
     output_size,
 )
 from stn.data.mnist_files import download, read_split, resolve_root
+from stn.errors import SettingError
 
 __all__ = ["MNISTDataModule", "TensorPairs", "EpochRandomSampler"]
 
@@ -104,7 +105,7 @@ class EpochRandomSampler(RandomSampler):
 
 def _check_epochs(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(
+        raise SettingError(
             f"data.{name} must be a number of epochs >= 0, got {value!r}. Set e.g. data.{name}=0 to switch "
             "this part of the curriculum off."
         )
@@ -113,7 +114,7 @@ def _check_epochs(name: str, value: float) -> float:
 
 def _check_count(name: str, value: int, minimum: int, meaning: str, example: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"data.{name} must be an integer >= {minimum} ({meaning}), got {value!r}. Set e.g. data.{name}={example}.")
+        raise SettingError(f"data.{name} must be an integer >= {minimum} ({meaning}), got {value!r}. Set e.g. data.{name}={example}.")
     return int(value)
 
 
@@ -190,7 +191,7 @@ class MNISTDataModule(LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_set is None:
             images, labels = read_split(self.root, train=True)
             if self.val_size >= labels.shape[0]:
-                raise ValueError(
+                raise SettingError(
                     f"data.val_size={self.val_size} leaves no training images: the training file holds "
                     f"{labels.shape[0]}. Set data.val_size below that, e.g. data.val_size=5000."
                 )

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torchvision.datasets import MNIST
 
+from stn.errors import CorruptInputError
+
 __all__ = ["MNIST_FILES", "MNISTFilesError", "default_root", "resolve_root", "raw_folder", "check_files", "download", "read_split"]
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -23,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _IDX_UBYTE = 0x08  # IDX element type code of unsigned bytes, the only one MNIST uses
 
 
-class MNISTFilesError(RuntimeError):
+class MNISTFilesError(CorruptInputError):
     """The MNIST files are missing, truncated or corrupt and could not be (re)downloaded."""
 
 
