@@ -68,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, AttributeError, ValueError) as error:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, AttributeError, ValueError) as error:
         raise CorruptInputError(
             f"{path} cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
             "It is truncated, corrupt, or holds objects other than tensors and plain data, which are never "

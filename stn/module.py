@@ -88,6 +88,10 @@ class STNClassifier(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        _check_output_size(output_size)
+        self.optimizer_config = dict(optimizer or {"name": "adamw", "lr": 1e-3})
+        self.scheduler_config = dict(scheduler or {"name": "none"})
+        _check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
             padding_mode=padding_mode, **(tps or {}),
@@ -96,9 +100,6 @@ class STNClassifier(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.classifier.to(memory_format=self.memory_format)
         self.bending_weight = float(bending_weight)
-        self.optimizer_config = dict(optimizer or {"name": "adamw", "lr": 1e-3})
-        self.scheduler_config = dict(scheduler or {"name": "none"})
-        _check_optimization(self.optimizer_config, self.scheduler_config)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -173,18 +174,23 @@ class STNClassifier(L.LightningModule):
     def _check_finite(self, loss: Tensor) -> None:
         if torch.isfinite(loss):
             return
-        loc_nets = self.transformer.loc_nets
         lr = self.optimizer_config.get("lr")
-        lr_mult = loc_nets[0].lr_mult if loc_nets else None
+        loc_nets = self.transformer.loc_nets
+        if loc_nets:
+            cause = (
+                "The usual cause is a localization network that moves too fast: its predicted transform runs "
+                "off the image, the sampling grid folds and the classifier diverges (the loc/stage<k>/param_std "
+                f"curves in TensorBoard rise steeply before it). Lower model.loc_net.lr_mult (now "
+                f"{loc_nets[0].lr_mult}) or model.optimizer.lr (now {lr}), keep a hidden layer in the loc-net "
+                "head (model.loc_net.hidden > 0), set trainer.gradient_clip_val (e.g. 1.0), set "
+                "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0."
+            )
+        else:
+            cause = (f"The learning rate is too high for this model: lower model.optimizer.lr (now {lr}) or set "
+                     "trainer.gradient_clip_val (e.g. 1.0).")
         raise DivergedError(
-            f"The training loss is {loss.item()} at epoch {self.current_epoch}, step "
-            f"{self.global_step}. The usual cause is a localization network that moves too fast: its "
-            "predicted transform runs off the image, the sampling grid folds and the classifier diverges "
-            "(the loc/stage<k>/param_std curves in TensorBoard rise steeply before it). Lower "
-            f"model.loc_net.lr_mult (now {lr_mult}) or model.optimizer.lr (now {lr}), keep a hidden layer "
-            "in the loc-net head (model.loc_net.hidden > 0), set trainer.gradient_clip_val (e.g. 1.0), set "
-            "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0. "
-            f"{self._last_good_checkpoint()}"
+            f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
+            f"{cause} {self._last_good_checkpoint()}"
         )
 
     def _last_good_checkpoint(self) -> str:
@@ -354,6 +360,16 @@ def _single_stage_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     old = "transformer.loc_net."
     return {(f"transformer.stages.0.loc_net.{key[len(old):]}" if key.startswith(old) else key): value
             for key, value in state.items()}
+
+
+def _check_output_size(size: Sequence[int] | None) -> None:
+    if size is None:
+        return
+    if isinstance(size, str) or len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+        raise SettingError(
+            f"model.output_size must be [H, W] with two positive integers (the size the warped image is "
+            f"sampled at), got {size!r}. Set e.g. model.output_size=[28,28], or null for the input size."
+        )
 
 
 def _check_epoch_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
