@@ -24,6 +24,7 @@ from stn.errors import user_error
 
 __all__ = ["report_user_errors"]
 
+
 def report_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Wrap a Hydra task function (under ``@hydra.main``) as described in the module docstring."""
 

@@ -18,6 +18,7 @@ import torchvision
 from torchvision.models import ResNet18_Weights
 
 from stn.classifier import CNNClassifier
+from stn.errors import SettingError
 from stn.health import loc_net_health
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
@@ -455,3 +456,27 @@ def test_a_checkpoint_from_before_stages_loads_into_stage_zero(tmp_path):
     loaded = STNClassifier.from_checkpoint(str(path)).eval()
     x = images(2)
     torch.testing.assert_close(loaded.transformer(x), model.eval().transformer(x))
+
+
+# ---------------------------------------------------------------- frozen classifier
+
+
+def test_frozen_classifier_gets_no_update_while_the_transformer_learns_and_thaws_after(monkeypatch):
+    torch.manual_seed(0)
+    model = STNClassifier("affine", loc_net=CHEAP, freeze_classifier=[0, 2])
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    for epoch, frozen in ((0, True), (1, True), (2, False)):
+        monkeypatch.setattr(STNClassifier, "current_epoch", property(lambda self, e=epoch: e))
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model.training_step((x, labels), 0).backward()
+        classifier_grads = [p.grad for p in model.classifier.parameters()]
+        assert all(g is None for g in classifier_grads) == frozen, epoch
+        assert model.classifier.training == (not frozen), "frozen: batch norm and dropout in evaluation mode"
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.transformer.parameters()), epoch
+
+
+@pytest.mark.parametrize("epochs", [[2, 1], [1], "1,2", [-1, 2]])
+def test_an_impossible_freeze_range_names_the_setting(epochs):
+    with pytest.raises(SettingError, match=r"model\.freeze_classifier must be null or \[first, end\]"):
+        STNClassifier("none", freeze_classifier=epochs)

@@ -219,7 +219,7 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     run, _ = run_script(
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
-        "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null",
+        "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,1]",
     )
     summary = read_metrics(run)
     config, metrics = summary["config"], summary["metrics"]
@@ -228,6 +228,9 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert 40 < metrics["test/pose/angle_identity"] < 70  # U(-90°, 90°)
     assert "test/pose/angle_left" in metrics and "test/pose/shift_left" not in metrics
     assert "test/pose/angle_left" in events(run).Tags()["scalars"]
+    state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    tracked = [value for key, value in state.items() if key.startswith("classifier.") and key.endswith("num_batches_tracked")]
+    assert tracked and all(int(count) == 0 for count in tracked), "the frozen classifier's batch norm saw no batch"
 
 
 def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):
