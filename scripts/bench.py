@@ -2,21 +2,30 @@
 
     python scripts/bench.py tps     # TPS warp: stn vs kornia vs a per-call-solve generator vs bare grid_sample
     python scripts/bench.py data    # distorted-MNIST training images/s per distortion (dataloader + distortion)
+    python scripts/bench.py train mnist_tps mnist_affine mnist_cnn   # a training step, phase by phase
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from stn.data import DISTORTIONS, MNISTDataModule
+from stn.step_profile import PHASES, profile_training_step
 from stn.tps import TPSGridGen, grid_points
+
+REPO = Path(__file__).resolve().parents[1]
 
 TPS_SHAPES = [(64, 1, 28, 28, 16), (64, 1, 42, 42, 16), (32, 3, 224, 224, 25), (128, 3, 32, 100, 20)]
 
@@ -155,6 +164,48 @@ def bench_data(args: argparse.Namespace) -> None:
         print(f"| {name} | {height}x{width} | {rate:,.0f} | {1e3 * args.batch_size / rate:.2f} |")
 
 
+def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, object]:
+    """The data module (set up for fit) and model that ``train.py +experiment=<name>`` would build."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    os.environ.setdefault("PROJECT_ROOT", str(REPO))
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={name}", "model.loc_net.weights=null", *overrides])
+    torch.manual_seed(cfg.seed)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule, instantiate(cfg.model)
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(f"{machine['device']}, {machine['threads']} threads, torch {machine['torch']}; median of {args.steps} steps "
+          f"after {args.warmup} warm-up steps; ms per training step of one batch, phase by phase\n")
+    print(f"| experiment | {' | '.join(PHASES)} | step ms | train images/s | eval images/s | peak memory MB |")
+    print("|---|" + "---|" * (len(PHASES) + 4))
+    results = {}
+    for name in args.experiments:
+        datamodule, model = experiment_parts(name, args.overrides)
+        result = profile_training_step(model.to(device), datamodule, device, args.steps, args.warmup)
+        results[name] = result
+        phases = " | ".join(f"{result['phases_ms'][phase]:.1f} ({100 * result['phases_ms'][phase] / result['step_ms']:.0f} %)" for phase in PHASES)
+        print(f"| {name} | {phases} | {result['step_ms']:.1f} | {result['train_images_per_s']:,.0f} | "
+              f"{result['eval_images_per_s']:,.0f} | {result['peak_memory_mb']:,.0f} |")
+    if len(results) > 1 and "mnist_cnn" in results:
+        base = results["mnist_cnn"]["train_images_per_s"]
+        print("\ntraining throughput / mnist_cnn's: " + ", ".join(
+            f"{name} {result['train_images_per_s'] / base:.2f}x" for name, result in results.items()))
+    folder = Path(args.output) if args.output else REPO / "outputs" / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps({"machine": machine, "steps": args.steps, "warmup": args.warmup,
+                                                    "overrides": args.overrides, "results": results}, indent=2))
+    print(f"\nRun folder: {folder}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +218,15 @@ def main() -> None:
     data.add_argument("--batches", type=int, default=100, help="batches per timed run")
     data.add_argument("--repeats", type=int, default=3, help="timed runs per distortion (the median is shown)")
     data.set_defaults(run=bench_data)
+    train = commands.add_parser("train", help="a training step phase by phase, training and evaluation images/s, peak memory")
+    train.add_argument("experiments", nargs="*", default=["mnist_tps", "mnist_affine", "mnist_cnn"], help="experiment names")
+    train.add_argument("--steps", type=int, default=30, help="timed steps (the median is shown)")
+    train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--override", dest="overrides", action="append", default=[],
+                       help="a Hydra override for every experiment, e.g. --override data.batch_size=256 (repeatable)")
+    train.add_argument("--output", default=None, help="folder for train.json (default: outputs/bench/<date>_<time>)")
+    train.set_defaults(run=bench_train)
     args = parser.parse_args()
     args.run(args)
 

@@ -289,13 +289,16 @@ class STNClassifier(L.LightningModule):
         return transformer_panels(self.transformer, images)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = self.param_groups()
-        config = dict(self.optimizer_config)
-        optimizer = OPTIMIZERS[config.pop("name")](groups, **{k: v for k, v in config.items() if k != "lr"})
+        optimizer = self.build_optimizer()
         scheduler = self._scheduler(optimizer)
         if scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimiser over :meth:`param_groups`."""
+        config = dict(self.optimizer_config)
+        return OPTIMIZERS[config.pop("name")](self.param_groups(), **{k: v for k, v in config.items() if k != "lr"})
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: classifier, loc-net head, loc-net backbone.

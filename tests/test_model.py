@@ -262,11 +262,15 @@ def test_bad_optimizer_and_scheduler_names_are_refused():
         STNClassifier("none", optimizer={"name": "adamw", "lr": -1})
 
 
-def test_nan_loss_names_the_cause_and_the_settings():
-    model = STNClassifier("none")
+@pytest.mark.parametrize(("transform", "settings"), [
+    ("affine", r"model\.loc_net\.lr_mult \(now 0\.1\).*model\.optimizer\.lr \(now 0\.001\)"),
+    ("none", r"lower model\.optimizer\.lr \(now 0\.001\)"),
+])
+def test_nan_loss_names_the_cause_and_the_settings(transform, settings):
+    model = STNClassifier(transform, loc_net=CHEAP)
     x = images(2)
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"loss is nan.*model.loc_net.lr_mult.*model.optimizer.lr"):
+    with pytest.raises(FloatingPointError, match=rf"loss is nan at epoch 0, step 0\. .*{settings}.*No checkpoint was saved before it\."):
         model.training_step((x, torch.tensor([0, 1])), 0)
 
 

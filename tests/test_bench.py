@@ -1,0 +1,35 @@
+"""``scripts/bench.py train``: the step breakdown through the real script, read back from its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stn.step_profile import PHASES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_bench_train_splits_a_step_into_its_phases_and_writes_json(tmp_path):
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "train", "mnist_tps", "mnist_cnn", "--steps", "2",
+               "--warmup", "1", "--override", "data.batch_size=8", "--override", "model.loc_net.input_size=16",
+               "--output", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "train.json").read_text())
+    assert report["machine"]["threads"] >= 1 and report["overrides"] == ["data.batch_size=8", "model.loc_net.input_size=16"]
+    for name in ("mnist_tps", "mnist_cnn"):
+        result = report["results"][name]
+        assert list(result["phases_ms"]) == list(PHASES) and all(ms >= 0 for ms in result["phases_ms"].values())
+        assert result["step_ms"] == pytest.approx(sum(result["phases_ms"].values()))
+        assert result["batch_size"] == 8
+        assert result["train_images_per_s"] == pytest.approx(1e3 * 8 / result["step_ms"])
+        assert result["eval_images_per_s"] > 0 and result["peak_memory_mb"] > 0
+    assert report["results"]["mnist_tps"]["phases_ms"]["loc-net"] > report["results"]["mnist_cnn"]["phases_ms"]["loc-net"]
+    assert "| mnist_tps |" in done.stdout and "training throughput / mnist_cnn's" in done.stdout
