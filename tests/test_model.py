@@ -263,7 +263,7 @@ def test_bad_optimizer_and_scheduler_names_are_refused():
 
 
 @pytest.mark.parametrize(("transform", "settings"), [
-    ("affine", r"model\.loc_net\.lr_mult \(now 0\.1\).*model\.optimizer\.lr \(now 0\.001\)"),
+    ("affine", r"model\.loc_net\.lr_mult \(now 1\.0\).*model\.optimizer\.lr \(now 0\.001\)"),
     ("none", r"lower model\.optimizer\.lr \(now 0\.001\)"),
 ])
 def test_nan_loss_names_the_cause_and_the_settings(transform, settings):
