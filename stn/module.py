@@ -170,6 +170,8 @@ class STNClassifier(L.LightningModule):
             self.classifier.requires_grad_(not frozen)
             self.classifier.train(not frozen)
             self._classifier_frozen = frozen
+        if frozen:  # every step: Lightning puts the whole module back into training mode between epochs
+            self.classifier.eval()
 
     def _check_finite(self, loss: Tensor) -> None:
         if torch.isfinite(loss):

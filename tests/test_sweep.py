@@ -78,7 +78,7 @@ def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path, tiny_run):
         pose = [f"{metrics[f'test/pose/{key}_left']:.2f}" for key in ("angle", "log_scale", "shift")]
         assert " / ".join(pose) + " (n=1)" in pose_rows[label]
     assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, similarity+tps, model.tps.rows=1)"]
-    assert f"- {failed}: ValueError" in table.stdout
+    assert f"- {failed}: SettingError: A TPS control-point grid needs at least 2 rows" in table.stdout
 
 
 @pytest.mark.slow
