@@ -184,6 +184,7 @@ def _train(cfg: DictConfig) -> dict:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_scalars(trainer, "val/"))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last = _last_checkpoint(trainer)  # before testing: restoring the best checkpoint resets the callback's record
     if cfg.test:
         ckpt = best or (None if cfg.train else ckpt_path)
         if cfg.train and not best:
@@ -193,7 +194,7 @@ def _train(cfg: DictConfig) -> dict:
     extra = {
         "pretrained": model.pretrained,
         "best_checkpoint": best or None,
-        "last_checkpoint": _last_checkpoint(trainer),
+        "last_checkpoint": last,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
