@@ -55,6 +55,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The dictionary stored in the checkpoint at ``path``, read with ``weights_only=True``.
 
+    The file is memory-mapped, so reading only its small entries (``run_info``) does not read the weights.
+
     Raises:
         MissingInputError: there is no file at ``path``.
         CorruptInputError: the file is truncated or corrupt, holds objects that are not plain data
@@ -67,7 +69,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "ckpt_path=last to resume the latest run of the same command."
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, AttributeError, ValueError) as error:
         raise CorruptInputError(
             f"{path} cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "

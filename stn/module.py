@@ -112,7 +112,6 @@ class STNClassifier(L.LightningModule):
         })
         self._first_val_batch: Tensor | None = None
         self.freeze_classifier = _check_epoch_range(freeze_classifier)
-        self._classifier_frozen = False
 
     @property
     def pretrained(self) -> bool:
@@ -165,13 +164,12 @@ class STNClassifier(L.LightningModule):
     def _freeze_classifier_in_its_epochs(self) -> None:
         """Freeze the classifier (no gradients, evaluation mode) inside ``freeze_classifier``; thaw it after."""
         first, end = self.freeze_classifier or (0, 0)
-        frozen = first <= self.current_epoch < end
-        if frozen != self._classifier_frozen:
-            self.classifier.requires_grad_(not frozen)
-            self.classifier.train(not frozen)
-            self._classifier_frozen = frozen
-        if frozen:  # every step: Lightning puts the whole module back into training mode between epochs
+        if first <= self.current_epoch < end:  # every step: Lightning puts the module back into training mode
+            self.classifier.requires_grad_(False)
             self.classifier.eval()
+        elif not next(self.classifier.parameters()).requires_grad:  # the frozen epochs are over
+            self.classifier.requires_grad_(True)
+            self.classifier.train()
 
     def _check_finite(self, loss: Tensor) -> None:
         if torch.isfinite(loss):
