@@ -177,7 +177,11 @@ def _train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     model: STNClassifier = instantiate(cfg.model)
     if ckpt_path and cfg.train:
-        model.check_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path)
+        model.check_checkpoint(checkpoint, ckpt_path)
+        for tensorboard in (lg for lg in logger or [] if isinstance(lg, TensorBoardLogger)):
+            # TensorBoard drops the killed run's events from this step on, so replayed steps show once
+            tensorboard._kwargs["purge_step"] = checkpoint["global_step"]
     trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     metrics: dict[str, float] = {}
     if cfg.train:
