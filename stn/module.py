@@ -65,6 +65,12 @@ class STNClassifier(L.LightningModule):
             only the transformer can lower the loss; ``None``: never. With a curriculum
             (``data.clean_epochs``) the classifier first learns upright digits, and while it is frozen
             the transformer must bring distorted ones to that pose.
+        oracle_pose: the floor of the pose measure, not an unsupervised model: the transformer learns
+            from each training image's true distortion instead of the class label (the mean squared
+            distance, in digit pixels, between where its output pixels read the upright digit and
+            where the exact inverse reads it, ``train/pose_error``), and the classifier learns on the
+            transformer's output. What such a transformer leaves (``test/pose/*_left``) is what its
+            loc-net can see of the pose at all.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class STNClassifier(L.LightningModule):
         log_images_every_n_epochs: int = 1,
         num_log_images: int = 16,
         freeze_classifier: tuple[float, float] | None = None,
+        oracle_pose: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +119,13 @@ class STNClassifier(L.LightningModule):
         })
         self._first_val_batch: Tensor | None = None
         self.freeze_classifier = _check_epoch_range(freeze_classifier)
+        self.oracle_pose = bool(oracle_pose)
+        if self.oracle_pose and not self.transformer.loc_nets:
+            raise SettingError(
+                "model.oracle_pose=true trains the transformer from the true pose, but model.transform=none has "
+                "no transformer; choose a transform (e.g. model.transform=[similarity,tps]) or set "
+                "model.oracle_pose=false."
+            )
 
     @property
     def pretrained(self) -> bool:
@@ -145,11 +159,16 @@ class STNClassifier(L.LightningModule):
         grid = self.transformer.grid(params, images)
         return self.classify(self.transformer.sample(images, grid)), params, grid
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+        images, labels, *extras = batch
         self._freeze_classifier_in_its_epochs()
-        logits, params, _ = self._step(images)
-        loss = F.cross_entropy(logits, labels)
+        if self.oracle_pose:
+            logits, params, pose_error = self._oracle_step(images, extras[0] if extras else {})
+            self.log("train/pose_error", pose_error, on_step=True, on_epoch=False)
+            loss = F.cross_entropy(logits, labels) + pose_error
+        else:
+            logits, params, _ = self._step(images)
+            loss = F.cross_entropy(logits, labels)
         bending = self.transformer.bending(params) if self.bending_weight else None
         if bending is not None:
             bending = bending.mean()
@@ -160,6 +179,24 @@ class STNClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _oracle_step(self, images: Tensor, digit_map: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Logits of the classifier on the transformer's output (no gradient to the transformer), every
+        stage's parameters, and the transformer's mean squared distance from the exact inverse, digit px²."""
+        if not digit_map:
+            raise SettingError(
+                "model.oracle_pose=true needs each training image's distortion, and these training batches carry "
+                "none (data.distortion=none, or a data module without digit maps); train on a distortion "
+                "(e.g. data.distortion=rts) or set model.oracle_pose=false."
+            )
+        self._check_images(images)
+        params = self.transformer.localize(images)
+        grid = self.transformer.grid(params, images)
+        batch, height, width = grid.shape[:3]
+        output = self.transformer.compose([], (height, width), images)[:1].reshape(1, -1, 2)
+        digit = to_digit(grid.reshape(batch, -1, 2), digit_map)
+        pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).mean()
+        return self.classify(self.transformer.sample(images, grid.detach())), params, pose_error
 
     def _freeze_classifier_in_its_epochs(self) -> None:
         """Freeze the classifier (no gradients, evaluation mode) inside ``freeze_classifier``; thaw it after."""
@@ -327,6 +364,13 @@ class STNClassifier(L.LightningModule):
             return None
         total = int(self.trainer.estimated_stepping_batches)
         if name == "onecycle":
+            warmup = config.get("pct_start", 0.3) * total
+            if warmup == 1:  # torch's OneCycleLR divides by (warm-up steps - 1)
+                raise SettingError(
+                    f"The one-cycle warm-up is exactly one step (model.scheduler.pct_start = {config.get('pct_start', 0.3)} "
+                    f"of {total} training steps), which torch's OneCycleLR cannot schedule; change "
+                    "model.scheduler.pct_start or the number of steps, or set model.scheduler.name=none."
+                )
             max_lr = [group["lr"] for group in optimizer.param_groups]
             return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, **config)
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, **config)

@@ -317,10 +317,12 @@ class Recorder(L.LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.train_batches: list[tuple[int, torch.Tensor]] = []
+        self.train_maps: list[dict[str, torch.Tensor]] = []
         self.val_batches: list[torch.Tensor] = []
 
     def training_step(self, batch, batch_idx):
         self.train_batches.append((self.current_epoch, batch[0].clone()))
+        self.train_maps.append(batch[2])
         return (self.weight * batch[0].mean()).sum()
 
     def validation_step(self, batch, batch_idx):
@@ -353,6 +355,13 @@ def test_trainer_distorts_training_batches_afresh_each_epoch(tmp_path):
         for (_, seen), images in zip(model.train_batches[2 * epoch : 2 * epoch + 2], raw):
             assert seen.dtype == torch.float32 and seen.shape == (32, 1, 28, 28)
             assert torch.equal(seen, datamodule.distort(images, draws))
+        # each training batch carries the digit map of its own draws, as evaluation batches do
+        draws = datamodule.training_generator(epoch)
+        for (_, seen), maps, images in zip(model.train_batches[2 * epoch : 2 * epoch + 2],
+                                          model.train_maps[2 * epoch : 2 * epoch + 2], raw):
+            params = D.sample_params("r", images.shape[0], draws, torch.float32)
+            assert torch.equal(seen, D.warp(images, "r", params))
+            torch.testing.assert_close(maps, D.digit_map("r", params), rtol=0, atol=0)
     # the same digits look different in epoch 1: fresh order and fresh distortions
     first_raw = [images for images, _ in loader][0]
     assert not torch.equal(datamodule.distort(first_raw, datamodule.training_generator(0)),

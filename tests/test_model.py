@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import urllib.error
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models import ResNet18_Weights
 
+import stn.data.distortions as D
 from stn.classifier import CNNClassifier
 from stn.errors import SettingError
 from stn.health import loc_net_health
@@ -484,3 +486,68 @@ def test_frozen_classifier_gets_no_update_while_the_transformer_learns_and_thaws
 def test_an_impossible_freeze_range_names_the_setting(epochs):
     with pytest.raises(SettingError, match=r"model\.freeze_classifier must be null or \[first, end\]"):
         STNClassifier("none", freeze_classifier=epochs)
+
+
+# ---------------------------------------------------------------- oracle pose (the floor)
+
+
+def rts_batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """RTS images, labels, their drawn angles/scales/shifts and digit maps."""
+    generator = torch.Generator().manual_seed(seed)
+    raw = (torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed + 1)) * 255).to(torch.uint8)
+    x, maps = D.distort_with_map(raw, "rts", generator)
+    params = D.sample_params("rts", n, torch.Generator().manual_seed(seed), torch.float32)
+    return x, torch.arange(n) % 10, params, maps
+
+
+def test_oracle_pose_error_of_the_identity_transformer_is_the_closed_form():
+    """At initialisation (identity) output pixel u reads canvas pixel 21 u, which shows digit pixel
+    R(angle)^T (21 u - shift) / scale; the exact inverse reads 14 u."""
+    torch.manual_seed(0)
+    model = STNClassifier("similarity", loc_net=CHEAP, output_size=(28, 28), oracle_pose=True)
+    x, labels, params, maps = rts_batch()
+    _, _, error = model._oracle_step(x, maps)
+    centres = (torch.arange(28, dtype=torch.float64) + 0.5) / 14 - 1
+    u = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # (P, 2) xy
+    angle, scale, shift = params["angle"].double(), params["scale"].double(), params["shift"].double()
+    moved = 21 * u[None] - shift[:, None]  # (N, P, 2)
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+    digit = torch.stack([cos * moved[..., 0] + sin * moved[..., 1], -sin * moved[..., 0] + cos * moved[..., 1]], -1)
+    digit = digit / scale[:, None, None]
+    expected = (digit - 14 * u[None]).square().sum(-1).mean()
+    torch.testing.assert_close(error.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_oracle_pose_trains_the_transformer_from_the_pose_and_the_classifier_from_the_label():
+    torch.manual_seed(0)
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28), oracle_pose=True).eval()
+    x, labels, _, maps = rts_batch()
+    loss = model.training_step((x, labels, maps), 0)
+    logits, _, error = model._oracle_step(x, maps)
+    transformer = [p for p in model.transformer.parameters() if p.requires_grad]
+    classifier = list(model.classifier.parameters())
+    grads = torch.autograd.grad(loss, transformer + classifier, allow_unused=True)
+    from_pose = torch.autograd.grad(error, transformer, allow_unused=True)
+    from_label = torch.autograd.grad(F.cross_entropy(logits, labels), classifier)
+    zero = torch.zeros(())
+    for got, want in zip(grads, list(from_pose) + list(from_label)):
+        torch.testing.assert_close(zero if got is None else got, zero if want is None else want, rtol=1e-5, atol=1e-7)
+    assert any(g is not None and g.abs().sum() > 0 for g in from_pose), "the pose reaches the loc-nets"
+
+
+def test_oracle_pose_without_a_transformer_or_a_distortion_names_the_setting():
+    with pytest.raises(SettingError, match=r"model\.oracle_pose=true.*model\.transform=none"):
+        STNClassifier("none", oracle_pose=True)
+    model = STNClassifier("affine", loc_net=CHEAP, oracle_pose=True)
+    with pytest.raises(SettingError, match=r"model\.oracle_pose=true needs .*data\.distortion=rts"):
+        model.training_step((images(2), torch.tensor([0, 1])), 0)
+
+
+def test_a_one_step_one_cycle_warm_up_names_the_setting():
+    """torch's OneCycleLR divides by zero when pct_start x steps is exactly 1 (here 0.25 x 4)."""
+    model = STNClassifier("none", scheduler={"name": "onecycle", "pct_start": 0.25})
+    model._trainer = SimpleNamespace(estimated_stepping_batches=4)
+    with pytest.raises(SettingError, match=r"model\.scheduler\.pct_start = 0\.25 of 4 training steps"):
+        model._scheduler(model.build_optimizer())
+    model._trainer = SimpleNamespace(estimated_stepping_batches=8)
+    assert isinstance(model._scheduler(model.build_optimizer()), torch.optim.lr_scheduler.OneCycleLR)

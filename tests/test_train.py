@@ -7,6 +7,7 @@ directory, which must stay empty. Needs ``$STN_DATA_DIR`` holding ``MNIST/raw`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -254,3 +255,18 @@ def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_
     trained = model.transformer.loc_nets[0].backbone.state_dict()
     loaded = next(value for key, value in trained.items() if key.endswith(first_conv))
     assert (loaded - start).abs().max() < 0.05 * start.abs().max()
+
+
+def test_oracle_pose_run_logs_its_pose_error_and_the_floor(tmp_path, tiny_run):
+    """model.oracle_pose through the real script: the transformer's distance from the exact inverse is
+    logged every step, and the test pose spreads (the floor) are written like any run's."""
+    run, _ = run_script(
+        "train.py", tmp_path, "oracle", "+experiment=mnist_tps", *tiny_run, "model.oracle_pose=true",
+        "trainer.limit_train_batches=5",
+    )
+    steps = [event.step for event in events(run).Scalars("train/pose_error")]
+    values = [event.value for event in events(run).Scalars("train/pose_error")]
+    assert len(steps) == 5 and all(math.isfinite(v) and v > 0 for v in values)
+    metrics = read_metrics(run)["metrics"]
+    assert read_metrics(run)["config"]["model"]["oracle_pose"] is True
+    assert {"test/pose/angle_left", "test/pose/log_scale_left", "test/pose/shift_left"} <= metrics.keys()

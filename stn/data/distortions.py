@@ -53,6 +53,7 @@ __all__ = [
     "elastic_grid",
     "warp",
     "distort",
+    "distort_with_map",
     "dataset_params",
     "distort_dataset",
     "digit_map",
@@ -305,13 +306,25 @@ def distort(images: Tensor, name: str, generator: torch.Generator, strength: flo
     Returns:
         ``(N, C, H, W)`` float in [0, 1], ``(H, W)`` = :func:`output_size` (42x42 for rts, else 28x28).
     """
+    return warp(images, name, _draw(images, name, generator, strength))
+
+
+def distort_with_map(
+    images: Tensor, name: str, generator: torch.Generator, strength: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`distort`, and the :func:`digit_map` of each image: the same draws, the same images."""
+    params = _draw(images, name, generator, strength)
+    return warp(images, name, params), digit_map(name, params)
+
+
+def _draw(images: Tensor, name: str, generator: torch.Generator, strength: float) -> dict[str, Tensor]:
     if images.device.type != generator.device.type:
         raise SettingError(
             f"The images are on {images.device} but the generator is on {generator.device}; draw distortions "
             "on the images' device: torch.Generator(device=images.device).manual_seed(seed)."
         )
     dtype = images.dtype if images.is_floating_point() else torch.float32
-    return warp(images, name, sample_params(name, images.shape[0], generator, dtype, strength))
+    return sample_params(name, images.shape[0], generator, dtype, strength)
 
 
 def dataset_params(name: str, count: int, seed: int) -> dict[str, Tensor]:

@@ -10,7 +10,8 @@ Validation and test images are distorted once, at :meth:`~MNISTDataModule.setup`
 ``eval_seed`` (see :func:`stn.data.distortions.distort_dataset`), and kept as float32 tensors: every run
 and every model is scored on identical images. Their batches carry a third entry, each image's digit
 map (:func:`stn.data.distortions.digit_map`), so the model can measure how much of the distortion its
-transformer undoes (:mod:`stn.pose`).
+transformer undoes (:mod:`stn.pose`); distorted training batches carry theirs too (for
+``model.oracle_pose``, the floor of that measure).
 
 ``clean_epochs`` and ``growth_epochs`` make a curriculum: training digits stay undistorted for
 ``clean_epochs`` epochs, then the distortion grows linearly, step by step, from none to full strength
@@ -34,6 +35,7 @@ from stn.data.distortions import (
     digit_map,
     distort,
     distort_dataset,
+    distort_with_map,
     generator_seed,
     output_size,
 )
@@ -138,10 +140,10 @@ class MNISTDataModule(LightningDataModule):
         growth_epochs: epochs over which the training distortion then grows linearly from none to
             full strength (0: full strength at once).
 
-    Batches are ``(images, labels)``: images float32 ``(B, 1, H, W)`` in [0, 1] with ``(H, W)`` =
-    :attr:`image_size`, labels int64 ``(B,)``; validation/test batches add the digit map of each image
-    (a dict of tensors, empty for ``none`` and then left out). Training batches are uint8 ``(B, 1, 28, 28)`` until
-    :meth:`on_after_batch_transfer` distorts them (outside a Trainer use :meth:`distort`).
+    Batches are ``(images, labels, digit_map)``: images float32 ``(B, 1, H, W)`` in [0, 1] with ``(H, W)`` =
+    :attr:`image_size`, labels int64 ``(B,)``, the digit map of each image (a dict of tensors; for
+    ``none`` it is empty and left out). Training batches are uint8 ``(B, 1, 28, 28)`` without a map until
+    :meth:`on_after_batch_transfer` distorts them and adds it (outside a Trainer use :meth:`distort`).
     """
 
     num_classes = 10
@@ -269,8 +271,9 @@ class MNISTDataModule(LightningDataModule):
         """
         return distort(images, self.distortion, generator, strength)
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Distort training batches on the model's device; validation/test batches pass unchanged."""
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple:
+        """Distort training batches on the model's device, adding each image's digit map as validation/test
+        batches carry it (left out for ``none``); validation/test batches pass unchanged."""
         if self.trainer is None or not self.trainer.training:
             return batch
         images, labels = batch
@@ -282,4 +285,5 @@ class MNISTDataModule(LightningDataModule):
         progress = self._batch_in_epoch / max(1, self.trainer.num_training_batches)
         strength = self.strength(self.trainer.current_epoch + progress)
         self._batch_in_epoch += 1
-        return self.distort(images, self._generator, strength), labels
+        distorted, maps = distort_with_map(images, self.distortion, self._generator, strength)
+        return (distorted, labels, maps) if maps else (distorted, labels)
