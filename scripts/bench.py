@@ -164,7 +164,11 @@ def bench_data(args: argparse.Namespace) -> None:
         print(f"| {name} | {height}x{width} | {rate:,.0f} | {1e3 * args.batch_size / rate:.2f} |")
 
 
-def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, object]:
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
+"""Lightning's mixed ``trainer.precision`` values and the autocast dtype each runs the forward pass in."""
+
+
+def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, object, torch.dtype | None]:
     """The data module (set up for fit) and model that ``train.py +experiment=<name>`` would build."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -176,7 +180,9 @@ def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    return datamodule, instantiate(cfg.model)
+    model = instantiate(cfg.model)
+    model.setup("fit")  # model.compile applies here, as in a Trainer
+    return datamodule, model, AUTOCAST.get(str(cfg.trainer.precision))
 
 
 def bench_train(args: argparse.Namespace) -> None:
@@ -189,8 +195,9 @@ def bench_train(args: argparse.Namespace) -> None:
     print("|---|" + "---|" * (len(PHASES) + 4))
     results = {}
     for name in args.experiments:
-        datamodule, model = experiment_parts(name, args.overrides)
-        result = profile_training_step(model.to(device), datamodule, device, args.steps, args.warmup)
+        datamodule, model, autocast = experiment_parts(name, args.overrides)
+        result = profile_training_step(model.to(device), datamodule, device, args.steps, args.warmup, autocast)
+        result["autocast"] = str(autocast).removeprefix("torch.") if autocast else None
         results[name] = result
         phases = " | ".join(f"{result['phases_ms'][phase]:.1f} ({100 * result['phases_ms'][phase] / result['step_ms']:.0f} %)" for phase in PHASES)
         print(f"| {name} | {phases} | {result['step_ms']:.1f} | {result['train_images_per_s']:,.0f} | "

@@ -231,6 +231,7 @@ class LocalizationNet(nn.Module):
         self.bounded = bool(bounded)
         self.lr_mult = float(lr_mult)
         self.backbone_lr_mult = float(backbone_lr_mult)
+        self.memory_format = torch.contiguous_format  # STNClassifier(channels_last=True) sets channels_last
         self.backbone, mean, std, self.pretrained = build_backbone(backbone, weights, feature_node)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -265,7 +266,8 @@ class LocalizationNet(nn.Module):
             raise SettingError(
                 f"The localization network takes images (N, 1 or 3, H, W), got {tuple(images.shape)}."
             )
-        return self.backbone(loc_net_view(images, self.input_size, self.mean, self.std)).flatten(1)
+        view = loc_net_view(images, self.input_size, self.mean, self.std)
+        return self.backbone(view.contiguous(memory_format=self.memory_format)).flatten(1)
 
     def forward(self, images: Tensor) -> Tensor:
         """Transform parameters ``(N, *initial.shape)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
+from stn.compilation import compile_networks
 from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
 from stn.pose import PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
@@ -56,8 +57,8 @@ class STNClassifier(L.LightningModule):
         bending_weight: weight of the mean TPS bending energy added to the loss (``tps`` only).
         optimizer: ``name`` (adamw | adam | sgd), ``lr`` and the optimiser's other keyword arguments.
         scheduler: ``name`` (onecycle | cosine | none) and its keyword arguments.
-        channels_last: run the classifier in channels-last memory format (faster convolutions on
-            CPUs and tensor cores).
+        channels_last: run the classifier and the loc-net backbones in channels-last memory format
+            (faster convolutions on CPUs and tensor cores).
         log_images_every_n_epochs: how often to log image grids to TensorBoard (0: never).
         num_log_images: how many images of the first validation batch to log.
         freeze_classifier: ``(first, end)`` training epochs ``first <= epoch < end`` in which the
@@ -71,6 +72,9 @@ class STNClassifier(L.LightningModule):
             where the exact inverse reads it, ``train/pose_error``), and the classifier learns on the
             transformer's output. What such a transformer leaves (``test/pose/*_left``) is what its
             loc-net can see of the pose at all.
+        compile: compile the loc-nets and the classifier with ``torch.compile`` when training or
+            testing starts (``True``, or a dict of its keyword arguments, e.g. ``{"mode":
+            "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class STNClassifier(L.LightningModule):
         num_log_images: int = 16,
         freeze_classifier: tuple[float, float] | None = None,
         oracle_pose: bool = False,
+        compile: bool | dict = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -105,7 +110,10 @@ class STNClassifier(L.LightningModule):
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.classifier.to(memory_format=self.memory_format)
+        for network in (*self.transformer.loc_nets, self.classifier):
+            network.to(memory_format=self.memory_format)
+        for loc_net in self.transformer.loc_nets:
+            loc_net.memory_format = self.memory_format
         self.bending_weight = float(bending_weight)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -120,11 +128,20 @@ class STNClassifier(L.LightningModule):
         self._first_val_batch: Tensor | None = None
         self.freeze_classifier = _check_epoch_range(freeze_classifier)
         self.oracle_pose = bool(oracle_pose)
+        self._compiled = False
         if self.oracle_pose and not self.transformer.loc_nets:
             raise SettingError(
                 "model.oracle_pose=true trains the transformer from the true pose, but model.transform=none has "
                 "no transformer; choose a transform (e.g. model.transform=[similarity,tps]) or set "
                 "model.oracle_pose=false."
+            )
+
+    def setup(self, stage: str) -> None:
+        """Compile the networks (``compile``) once, before the first fit, validation or test."""
+        options = self.hparams.compile
+        if options and not self._compiled:
+            self._compiled = compile_networks(
+                [*self.transformer.loc_nets, self.classifier], dict(options) if isinstance(options, Mapping) else None
             )
 
     @property

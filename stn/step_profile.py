@@ -31,6 +31,7 @@ def _synchronize(device: torch.device) -> None:
 
 def profile_training_step(
     model: STNClassifier, datamodule: MNISTDataModule, device: torch.device, steps: int = 30, warmup: int = 5,
+    autocast: torch.dtype | None = None,
 ) -> dict:
     """Median milliseconds of each phase of a training step and of an evaluation batch, and rates.
 
@@ -38,6 +39,8 @@ def profile_training_step(
         model: the model, on ``device``; trained in place for ``warmup + steps`` steps.
         datamodule: set up for ``"fit"``; its training batches are distorted at full strength.
         device: where the model runs (batches are moved there, as Lightning does).
+        autocast: run the forward phases under ``torch.autocast`` in this dtype (as Lightning's
+            ``precision="bf16-mixed"`` / ``"16-mixed"`` do); ``None``: full precision.
 
     Returns:
         ``{"phases_ms": {phase: ms}, "step_ms", "train_images_per_s", "eval_images_per_s",
@@ -77,7 +80,9 @@ def profile_training_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        phases: tuple[Callable[[], None], ...] = (data, localize, sample, classify, backward, step_optimizer)
+        forward = (localize, sample, classify)
+        phases: tuple[Callable[[], None], ...] = (data, *(_autocast(run, device, autocast) for run in forward),
+                                                  backward, step_optimizer)
         for phase, run in zip(PHASES, phases):
             _synchronize(device)
             start = time.perf_counter()
@@ -92,22 +97,31 @@ def profile_training_step(
         "phases_ms": phases_ms,
         "step_ms": step_ms,
         "train_images_per_s": 1e3 * batch_size / step_ms,
-        "eval_images_per_s": _eval_images_per_second(model, datamodule, device, steps, warmup),
+        "eval_images_per_s": _eval_images_per_second(model, datamodule, device, steps, warmup, autocast),
         "batch_size": batch_size,
         "peak_memory_mb": _peak_memory_mb(device),
     }
 
 
+def _autocast(run: Callable[[], None], device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
+    def run_in_autocast() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            run()
+
+    return run_in_autocast
+
+
 @torch.no_grad()
 def _eval_images_per_second(model: STNClassifier, datamodule: MNISTDataModule, device: torch.device,
-                            steps: int, warmup: int) -> float:
+                            steps: int, warmup: int, autocast: torch.dtype | None) -> float:
     model.eval()
     images = next(iter(datamodule.val_dataloader()))[0].to(device)
+    forward = _autocast(lambda: model(images), device, autocast)
     times = []
     for step in range(warmup + steps):
         _synchronize(device)
         start = time.perf_counter()
-        model(images)
+        forward()
         _synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)

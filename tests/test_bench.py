@@ -33,3 +33,14 @@ def test_bench_train_splits_a_step_into_its_phases_and_writes_json(tmp_path):
         assert result["eval_images_per_s"] > 0 and result["peak_memory_mb"] > 0
     assert report["results"]["mnist_tps"]["phases_ms"]["loc-net"] > report["results"]["mnist_cnn"]["phases_ms"]["loc-net"]
     assert "| mnist_tps |" in done.stdout and "training throughput / mnist_cnn's" in done.stdout
+    assert report["results"]["mnist_tps"]["autocast"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_bench_train_runs_the_forward_pass_in_bf16_for_trainer_precision_bf16_mixed(tmp_path):
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "train", "mnist_cnn", "--steps", "2", "--warmup", "1",
+               "--override", "data.batch_size=8", "--override", "trainer.precision=bf16-mixed", "--output", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "train.json").read_text())["results"]["mnist_cnn"]["autocast"] == "bfloat16"

@@ -279,14 +279,79 @@ def test_nan_loss_names_the_cause_and_the_settings(transform, settings):
 # ---------------------------------------------------------------- classifier
 
 
-def test_channels_last_gives_the_same_logits():
+def _outputs_and_gradients(model: STNClassifier, x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Logits and the gradient of the cross-entropy for every parameter, in parameter order."""
+    logits = model(x)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(F.cross_entropy(logits.float(), labels), [model.get_parameter(n) for n in names])
+    return [logits.float(), *grads]
+
+
+def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor], atol: float, rtol: float) -> None:
+    for index, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=f"output/gradient {index}")
+
+
+def test_channels_last_gives_the_same_logits_and_gradients():
     torch.manual_seed(0)
-    plain = STNClassifier("tps", loc_net=CHEAP, output_size=(28, 28)).eval()
-    fast = STNClassifier("tps", loc_net=CHEAP, output_size=(28, 28), channels_last=True).eval()
+    plain = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28)).eval()
+    fast = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28), channels_last=True).eval()
     fast.load_state_dict(plain.state_dict())
     assert fast.classifier.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    x = images(4)
-    torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-4)
+    first_conv = next(m for m in fast.transformer.loc_nets[0].backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last), "the loc-net backbones too"
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    _assert_same(_outputs_and_gradients(fast, x, labels), _outputs_and_gradients(plain, x, labels), 1e-5, 1e-4)
+
+
+def test_compiled_model_gives_the_same_logits_and_gradients():
+    """model.compile through dynamo and AOT autograd (the aot_eager backend needs no C++ compiler)."""
+    torch.manual_seed(0)
+    plain = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28)).eval()
+    compiled = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28),
+                             compile={"backend": "aot_eager"}).eval()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.setup("fit")
+    assert list(compiled.state_dict()) == list(plain.state_dict()), "compiled in place: checkpoints unchanged"
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    torch._dynamo.reset()
+    _assert_same(_outputs_and_gradients(compiled, x, labels), _outputs_and_gradients(plain, x, labels), 1e-5, 1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "dynamo compiled graphs"
+
+
+def test_a_network_that_cannot_compile_runs_eagerly():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("this backend cannot compile")
+
+    torch.manual_seed(0)
+    plain = STNClassifier("affine", loc_net=CHEAP).eval()
+    compiled = STNClassifier("affine", loc_net=CHEAP, compile={"backend": failing_backend}).eval()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.setup("fit")
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    torch._dynamo.reset()
+    _assert_same(_outputs_and_gradients(compiled, x, labels), _outputs_and_gradients(plain, x, labels), 0, 0)
+
+
+def test_bf16_autocast_keeps_the_tps_grid_in_float32_and_matches_the_plain_path():
+    """trainer.precision=bf16-mixed runs the networks under CPU/CUDA autocast: the sampling grid of given
+    parameters is bit-identical to float32 and the logits and gradients agree to bf16 precision."""
+    torch.manual_seed(0)
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28)).eval()
+    head = model.transformer.loc_nets[1].head[-1]
+    with torch.no_grad():
+        head.bias.add_(0.05 * torch.randn_like(head.bias))
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    params = [p.detach() for p in model.transformer.localize(x)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grid = model.transformer.grid(params, x)
+        low = _outputs_and_gradients(model, x, labels)
+    assert grid.dtype == torch.float32
+    torch.testing.assert_close(grid, model.transformer.grid(params, x), atol=0, rtol=0)
+    full = _outputs_and_gradients(model, x, labels)
+    torch.testing.assert_close(low[0], full[0], atol=0.05, rtol=0.05)
+    flat_low, flat_full = torch.cat([g.flatten() for g in low[1:]]), torch.cat([g.flatten() for g in full[1:]])
+    assert F.cosine_similarity(flat_low, flat_full, dim=0) > 0.99
 
 
 @pytest.mark.parametrize("size", [28, 42])

@@ -270,3 +270,18 @@ def test_oracle_pose_run_logs_its_pose_error_and_the_floor(tmp_path, tiny_run):
     metrics = read_metrics(run)["metrics"]
     assert read_metrics(run)["config"]["model"]["oracle_pose"] is True
     assert {"test/pose/angle_left", "test/pose/log_scale_left", "test/pose/shift_left"} <= metrics.keys()
+
+
+def test_bf16_and_compile_options_through_the_script_on_cpu(tmp_path, tiny_run):
+    """The GPU path's options run on a CPU too: bf16 autocast, channels-last, torch.compile (aot_eager)."""
+    run, output = run_script(
+        "train.py", tmp_path, "fast", "+experiment=mnist_tps", *tiny_run, "trainer.precision=bf16-mixed",
+        "model.channels_last=true", "model.compile={backend: aot_eager}",
+    )
+    summary = read_metrics(run)
+    assert summary["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert summary["config"]["model"]["compile"] == {"backend": "aot_eager"}
+    assert "networks compiled lazily" in (run / "train.log").read_text()
+    assert 0 <= summary["metrics"]["test/error"] <= 100 and "test/pose/angle_left" in summary["metrics"]
+    model = STNClassifier.from_checkpoint(summary["last_checkpoint"])  # compiled in place: plain keys
+    assert model(torch.rand(2, 1, 42, 42)).shape == (2, 10)
