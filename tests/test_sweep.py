@@ -167,3 +167,18 @@ def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypa
     script = executor._executor._make_submission_file_text("python scripts/train.py", "job")
     for line in ("--partition=gpu", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=90", "--nodes=1", "--mem=32GB"):
         assert f"#SBATCH {line}" in script
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_parallel_launcher_runs_jobs_at_once_in_their_own_folders(tmp_path, tiny_run):
+    """hydra/launcher=parallel: two jobs in two worker processes, each with its own run folder and results."""
+    done = train(tmp_path, "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "+experiment=mnist_cnn",
+                 "seed=1,2", *tiny_run)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    jobs = job_folders(tmp_path)
+    assert len(jobs) == 2 and len({job.parent for job in jobs}) == 1, jobs
+    seeds = sorted(json.loads((job / "metrics.json").read_text())["config"]["seed"] for job in jobs)
+    assert seeds == [1, 2]
+    assert all("test/error" in scalar_tags(job) for job in jobs)
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr
