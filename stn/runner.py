@@ -12,12 +12,12 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -43,13 +43,33 @@ def build_callbacks(config: DictConfig | None) -> list[Callback]:
     return _build_targets(config, "callbacks", Callback, "lightning.pytorch.callbacks.ModelCheckpoint")
 
 
-def build_logger(config: DictConfig | None) -> list[Logger] | bool:
-    """Lightning loggers from ``{name: {_target_: class, **kwargs} or null}``; ``False`` when there are none."""
-    return _build_targets(config, "logger", Logger, "lightning.pytorch.loggers.TensorBoardLogger") or False
+def build_logger(config: DictConfig | None, purge_step: int | None = None) -> list[Logger] | bool:
+    """Lightning loggers from ``{name: {_target_: class, **kwargs} or null}``; ``False`` when there are none.
+
+    ``purge_step``: the step a resumed run starts from; TensorBoard loggers drop the events the killed
+    run wrote from that step on (``SummaryWriter(purge_step=...)``), so replayed steps show once.
+    """
+    def resume_kwargs(entry: DictConfig) -> dict:
+        return {"purge_step": purge_step} if purge_step is not None and _builds(entry, TensorBoardLogger) else {}
+
+    return _build_targets(config, "logger", Logger, "lightning.pytorch.loggers.TensorBoardLogger", resume_kwargs) or False
 
 
-def _build_targets(config: DictConfig | None, group: str, kind: type, example: str) -> list:
-    """One object per non-null entry of ``config``, instantiated by Hydra from its ``_target_``."""
+def _builds(entry: DictConfig, kind: type) -> bool:
+    """Whether ``entry._target_`` names a subclass of ``kind`` (``False`` where it names no class)."""
+    try:
+        target = get_class(entry._target_)
+    except Exception:  # a wrong _target_ is reported when it is instantiated
+        return False
+    return issubclass(target, kind)
+
+
+def _build_targets(
+    config: DictConfig | None, group: str, kind: type, example: str,
+    extra_kwargs: Callable[[DictConfig], dict] = lambda entry: {},
+) -> list:
+    """One object per non-null entry of ``config``, instantiated by Hydra from its ``_target_`` (plus
+    ``extra_kwargs(entry)``)."""
     built = []
     for name, entry in (config or {}).items():
         if entry is None:
@@ -61,7 +81,7 @@ def _build_targets(config: DictConfig | None, group: str, kind: type, example: s
                 f"{key}._target_={example}, or is null to switch it off."
             )
         try:
-            built_object = instantiate(entry)
+            built_object = instantiate(entry, **extra_kwargs(entry))
         except InstantiationException as error:
             if user_error(error):
                 raise
@@ -173,15 +193,12 @@ def _train(cfg: DictConfig) -> dict:
         return json.loads(finished.read_text())
     seed = L.seed_everything(cfg.seed, workers=True)
     callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg)), StepSeed(seed)]
-    logger = build_logger(cfg.get("logger"))
     datamodule = instantiate(cfg.data)
     model: STNClassifier = instantiate(cfg.model)
-    if ckpt_path and cfg.train:
-        checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path and cfg.train else None
+    if checkpoint is not None:
         model.check_checkpoint(checkpoint, ckpt_path)
-        for tensorboard in (lg for lg in logger or [] if isinstance(lg, TensorBoardLogger)):
-            # TensorBoard drops the killed run's events from this step on, so replayed steps show once
-            tensorboard._kwargs["purge_step"] = checkpoint["global_step"]
+    logger = build_logger(cfg.get("logger"), checkpoint["global_step"] if checkpoint else None)
     trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     metrics: dict[str, float] = {}
     if cfg.train:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import SessionLog
 
 from stn.errors import SettingError
 from stn.runner import build_callbacks, build_logger
@@ -31,6 +35,26 @@ def test_loggers_are_built_from_their_target_and_none_means_false(tmp_path):
     assert isinstance(csv, CSVLogger)
     assert build_logger(None) is False
     assert build_logger(OmegaConf.create({"tensorboard": None})) is False
+
+
+def test_a_resumed_runs_tensorboard_writer_purges_from_the_resumed_step(tmp_path):
+    config = OmegaConf.create({
+        "tb": {"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "save_dir": str(tmp_path)},
+        "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path)},
+    })
+    def purge_steps(logger: TensorBoardLogger) -> list[int]:
+        """Steps of the writer's purge marks (a START session log at a step, read back from its file)."""
+        logger.experiment.flush()
+        (path,) = Path(logger.log_dir).glob("events.out.tfevents.*")
+        events = EventFileLoader(str(path)).Load()
+        return [e.step for e in events if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+
+    tensorboard, csv = build_logger(config, purge_step=37)
+    assert isinstance(tensorboard, TensorBoardLogger) and isinstance(csv, CSVLogger)
+    assert purge_steps(tensorboard) == [37], "TensorBoard drops the killed run's events from step 37 on"
+    config.tb.version = "fresh"
+    fresh, _ = build_logger(config)
+    assert purge_steps(fresh) == []
 
 
 @pytest.mark.parametrize(("entry", "message"), [
