@@ -144,6 +144,17 @@ class STNClassifier(L.LightningModule):
                 [*self.transformer.loc_nets, self.classifier], dict(options) if isinstance(options, Mapping) else None
             )
 
+    def on_fit_start(self) -> None:
+        first, end = self.freeze_classifier or (0, 0)
+        last = self.trainer.max_epochs
+        if last is not None and 0 <= last and first < last < end:
+            log.warning(
+                f"model.freeze_classifier=[{first:g}, {end:g}] outlasts the run (trainer.max_epochs={last}): the "
+                f"classifier stays frozen from epoch {first:g} to the end and never learns the distorted digits. For a "
+                f"short schedule shorten the range too, e.g. model.freeze_classifier=[{first:g},"
+                f"{max(first + 1, last - 1):g}], or set model.freeze_classifier=null."
+            )
+
     @property
     def pretrained(self) -> bool:
         """Whether every loc-net backbone started from pretrained weights (``False`` without a loc-net)."""

@@ -616,3 +616,16 @@ def test_a_one_step_one_cycle_warm_up_names_the_setting():
         model._scheduler(model.build_optimizer())
     model._trainer = SimpleNamespace(estimated_stepping_batches=8)
     assert isinstance(model._scheduler(model.build_optimizer()), torch.optim.lr_scheduler.OneCycleLR)
+
+
+def test_a_freeze_range_that_outlasts_the_run_warns_with_the_fix(caplog):
+    model = STNClassifier("affine", loc_net=CHEAP, freeze_classifier=[1, 5])
+    model._trainer = SimpleNamespace(max_epochs=3)
+    with caplog.at_level("WARNING", logger="stn.module"):
+        model.on_fit_start()
+    assert "model.freeze_classifier=[1, 5] outlasts the run (trainer.max_epochs=3)" in caplog.text
+    assert "model.freeze_classifier=[1,2]" in caplog.text
+    caplog.clear()
+    model._trainer = SimpleNamespace(max_epochs=12)
+    model.on_fit_start()
+    assert "outlasts" not in caplog.text
