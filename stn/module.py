@@ -180,11 +180,15 @@ class STNClassifier(L.LightningModule):
         """Class logits ``(N, num_classes)`` for warped images ``(N, C, H', W')``."""
         return self.classifier(warped.contiguous(memory_format=self.memory_format))
 
-    def _step(self, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
-        """Logits, every stage's parameters and the sampling grid ``(N, H', W', 2)``."""
+    def _localize(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Every stage's parameters and the sampling grid ``(N, H', W', 2)`` for ``images``."""
         self._check_images(images)
         params = self.transformer.localize(images)
-        grid = self.transformer.grid(params, images)
+        return params, self.transformer.grid(params, images)
+
+    def _step(self, images: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Logits, every stage's parameters and the sampling grid ``(N, H', W', 2)``."""
+        params, grid = self._localize(images)
         return self.classify(self.transformer.sample(images, grid)), params, grid
 
     def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
@@ -217,11 +221,9 @@ class STNClassifier(L.LightningModule):
                 "none (data.distortion=none, or a data module without digit maps); train on a distortion "
                 "(e.g. data.distortion=rts) or set model.oracle_pose=false."
             )
-        self._check_images(images)
-        params = self.transformer.localize(images)
-        grid = self.transformer.grid(params, images)
+        params, grid = self._localize(images)
         batch, height, width = grid.shape[:3]
-        output = self.transformer.compose([], (height, width), images)[:1].reshape(1, -1, 2)
+        output = self.transformer.compose([], (height, width), images[:1]).reshape(1, -1, 2)  # output pixels
         digit = to_digit(grid.reshape(batch, -1, 2), digit_map)
         pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).mean()
         return self.classify(self.transformer.sample(images, grid.detach())), params, pose_error
