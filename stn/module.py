@@ -110,10 +110,10 @@ class STNClassifier(L.LightningModule):
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        for network in (*self.transformer.loc_nets, self.classifier):
-            network.to(memory_format=self.memory_format)
+        self.classifier.to(memory_format=self.memory_format)
         for loc_net in self.transformer.loc_nets:
-            loc_net.memory_format = self.memory_format
+            loc_net.to(memory_format=self.memory_format)
+            loc_net.memory_format = self.memory_format  # its backbone's input too
         self.bending_weight = float(bending_weight)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -394,10 +394,10 @@ class STNClassifier(L.LightningModule):
             return None
         total = int(self.trainer.estimated_stepping_batches)
         if name == "onecycle":
-            warmup = config.get("pct_start", 0.3) * total
-            if warmup == 1:  # torch's OneCycleLR divides by (warm-up steps - 1)
+            pct_start = config.get("pct_start", 0.3)  # torch's default
+            if pct_start * total == 1:  # torch's OneCycleLR divides by (warm-up steps - 1)
                 raise SettingError(
-                    f"The one-cycle warm-up is exactly one step (model.scheduler.pct_start = {config.get('pct_start', 0.3)} "
+                    f"The one-cycle warm-up is exactly one step (model.scheduler.pct_start = {pct_start} "
                     f"of {total} training steps), which torch's OneCycleLR cannot schedule; change "
                     "model.scheduler.pct_start or the number of steps, or set model.scheduler.name=none."
                 )
