@@ -139,7 +139,8 @@ def test_paper_table_sweep_composes_36_jobs():
                                   ("mnist_tps", ["similarity", "tps"])):
         job = compose_train(f"+experiment={experiment}", "data.distortion=p", "seed=2")
         assert (job.model.transform, job.data.distortion, job.seed) == (transform, "p", 2)
-        assert job.data.growth_epochs == 5 and job.model.classifier.pool == "flat"  # every model, one schedule
+        # every model, one schedule: a clean epoch, then the distortion grows over four
+        assert (job.data.clean_epochs, job.data.growth_epochs, job.model.classifier.pool) == (1, 4, "flat")
 
 
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):

@@ -87,7 +87,9 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     assert metrics["val/acc_best"] >= metrics["val/acc"]
     config = summary["config"]
     assert config["model"]["transform"] == ["similarity", "tps"] and config["data"]["distortion"] == "rts"
-    assert config["model"]["classifier"]["pool"] == "flat" and config["data"]["growth_epochs"] == 5
+    assert config["model"]["classifier"]["pool"] == "flat"
+    assert (config["data"]["clean_epochs"], config["data"]["growth_epochs"]) == (1, 4)
+    assert config["model"]["freeze_classifier"] == [1, 5]
     assert config["seed"] == 12345 and config["ckpt_path"] is None
     assert config["model"]["tps"] == {"rows": 4, "cols": 4, "margin": 0.0}
     assert summary["pretrained"] is False
