@@ -127,6 +127,14 @@ class STNClassifier(L.LightningModule):
         })
         self._first_val_batch: Tensor | None = None
         self.freeze_classifier = _check_epoch_range(freeze_classifier)
+        if self.freeze_classifier and not self.transformer.loc_nets:
+            first, end = self.freeze_classifier
+            log.warning(
+                f"model.freeze_classifier=[{first:g}, {end:g}] is ignored: model.transform=none has no "
+                "transformer to learn while the classifier is frozen, so the classifier trains in every epoch "
+                "(set model.freeze_classifier=null to silence this; a sweep may keep one curriculum for all models)."
+            )
+            self.freeze_classifier = None
         self.oracle_pose = bool(oracle_pose)
         self._compiled = False
         if self.oracle_pose and not self.transformer.loc_nets:

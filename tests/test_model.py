@@ -547,6 +547,16 @@ def test_frozen_classifier_gets_no_update_while_the_transformer_learns_and_thaws
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.transformer.parameters()), epoch
 
 
+def test_freezing_the_classifier_of_a_model_without_a_transformer_is_ignored_with_a_warning(caplog):
+    """One sweep override (e.g. the paper table's curriculum) serves all models: the CNN keeps learning."""
+    model = STNClassifier("none", freeze_classifier=[0, 2])
+    assert model.freeze_classifier is None
+    assert "model.freeze_classifier=[0, 2] is ignored" in caplog.text
+    model.train()
+    model.training_step((images(4), torch.tensor([1, 2, 3, 4])), 0).backward()
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
 @pytest.mark.parametrize("epochs", [[2, 1], [1], "1,2", [-1, 2]])
 def test_an_impossible_freeze_range_names_the_setting(epochs):
     with pytest.raises(SettingError, match=r"model\.freeze_classifier must be null or \[first, end\]"):
