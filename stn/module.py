@@ -18,16 +18,13 @@ from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
 from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
-from stn.pose import PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
+from stn.pose import DIGIT_HALF_SIZE, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
 from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
 
 log = logging.getLogger(__name__)
-
-DIGIT_HALF_SIZE = 14.0
-"""Half the side of the digit frame, in digit pixels (28x28 MNIST): the pose fit reads inside it."""
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULERS = ("onecycle", "cosine", "none")
@@ -291,7 +288,7 @@ class STNClassifier(L.LightningModule):
         output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
         for which, sampled in (("after", grid), ("identity", identity)):
             digit = to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
-            fit = fit_similarity(output.float(), digit, frame_weights(digit, DIGIT_HALF_SIZE))
+            fit = fit_similarity(output.float(), digit, frame_weights(digit))
             self.pose[f"{split}_{which}"].update(fit)
 
     def _log_pose(self, split: str) -> None:

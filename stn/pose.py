@@ -27,7 +27,12 @@ from torchmetrics import Metric
 
 from stn.tps import warp_points
 
-__all__ = ["to_digit", "frame_weights", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD"]
+__all__ = [
+    "to_digit", "frame_weights", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD", "DIGIT_HALF_SIZE",
+]
+
+DIGIT_HALF_SIZE = 14.0
+"""Half the side of the digit frame, in digit pixels (28x28 MNIST): the pose fit reads inside it."""
 
 SPREADS = ("angle", "log_scale", "shift", "residual")
 """The measured spreads, in degrees, natural-log units, digit pixels and digit pixels."""
@@ -56,7 +61,7 @@ def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
     return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
 
 
-def frame_weights(digit: Tensor, half_size: float = 14.0, min_share: float = 0.05) -> Tensor:
+def frame_weights(digit: Tensor, half_size: float = DIGIT_HALF_SIZE, min_share: float = 0.05) -> Tensor:
     """``(N, P)`` weights: 1 where ``digit`` positions ``(N, P, 2)`` lie inside the digit's frame, else 0.
 
     The frame is the square of side ``2 * half_size`` digit pixels about the digit's centre (28x28 for
