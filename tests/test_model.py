@@ -7,6 +7,7 @@ the tests save themselves, and torchvision's own file naming for the hub cache.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import urllib.error
@@ -253,6 +254,29 @@ def test_parameter_groups_and_learning_rates():
     assert groups["loc_head"]["weight_decay"] == 0.0
     grouped = [id(p) for group in groups.values() for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimizer_takes_the_same_steps_as_the_plain_one(name):
+    """model.optimizer.fused=true (one kernel per step) is a speed setting: fed the same gradients, the
+    fused and the plain optimiser leave the same parameters, step after step (their state included)."""
+    torch.manual_seed(0)
+    plain = STNClassifier("affine", loc_net=CHEAP, optimizer={"name": name, "lr": 0.01, "momentum": 0.9}
+                          if name == "sgd" else {"name": name, "lr": 0.01})
+    fused = copy.deepcopy(plain)
+    fused.optimizer_config["fused"] = True
+    optimizers = plain.build_optimizer(), fused.build_optimizer()
+    assert optimizers[1].defaults["fused"] is True and not optimizers[0].defaults["fused"]
+    for step in range(3):
+        for model in (plain, fused):
+            model.zero_grad()
+        plain.training_step((images(4, seed=step), torch.tensor([1, 2, 3, 4])), step).backward()
+        for source, target in zip(plain.parameters(), fused.parameters()):
+            target.grad = None if source.grad is None else source.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        for source, target in zip(plain.parameters(), fused.parameters()):
+            torch.testing.assert_close(target, source, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_optimizer_and_scheduler_names_are_refused():
