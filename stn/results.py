@@ -4,7 +4,7 @@ Every job folder of a Hydra multirun holds ``.hydra/config.yaml`` and ``.hydra/o
 (written before the job starts) and, when the job finished, ``metrics.json``. Jobs are grouped by
 model (``model.transform``), distortion (``data.distortion``) and the other overrides that differ
 between the jobs (the seed and ckpt_path aside); each cell reports test error as mean ± std over seeds with the
-number of runs. Jobs without a finite test error are counted, never dropped: as failed when they left
+number of runs (the mean alone for one run). Jobs without a finite test error are counted, never dropped: as failed when they left
 ``error.txt`` (or a non-finite error), as unfinished when they left nothing (still running, or
 stopped from outside, e.g. by a cluster time limit).
 
@@ -87,8 +87,8 @@ class Cell:
         missing = [f"{count} {what}" for count, what in ((self.failed, "failed"), (self.unfinished, "unfinished")) if count]
         if self.errors:
             mean = statistics.fmean(self.errors)
-            spread = statistics.stdev(self.errors) if len(self.errors) > 1 else 0.0
-            return ", ".join([f"{mean:.2f} ± {spread:.2f} (n={len(self.errors)})", *missing])
+            spread = f" ± {statistics.stdev(self.errors):.2f}" if len(self.errors) > 1 else ""  # one run has no spread
+            return ", ".join([f"{mean:.2f}{spread} (n={len(self.errors)})", *missing])
         if self.failed and self.unfinished:
             return ", ".join(missing)
         if self.failed:

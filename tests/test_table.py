@@ -42,7 +42,7 @@ def test_mean_std_and_counts(tmp_path):
     expected = f"{statistics.fmean([0.6, 0.9]):.2f} ± {statistics.stdev([0.6, 0.9]):.2f} (n=2)"
     assert table_row(table, "ST-CNN TPS (ours)") == ["no run", expected, "no run", "no run"]
     assert table_row(table, "ST-CNN TPS (paper)") == ["0.7", "0.5", "0.8", "1.1"]
-    assert table_row(table, "CNN (ours)") == ["no run", "1.50 ± 0.00 (n=1)", "no run", "no run"]
+    assert table_row(table, "CNN (ours)") == ["no run", "1.50 (n=1)", "no run", "no run"]
     assert table_row(table, "CNN (paper)") == ["1.2", "0.8", "1.5", "1.4"]
 
 
@@ -59,7 +59,7 @@ def test_failed_and_unfinished_jobs_are_marked(tmp_path):
     row = table_row(table, "ST-CNN Aff (ours)")
     assert row[0] == "failed (1 of 1)"
     assert row[1] == "unfinished (1 of 1)"
-    assert row[2] == "0.80 ± 0.00 (n=1), 1 failed, 1 unfinished"
+    assert row[2] == "0.80 (n=1), 1 failed, 1 unfinished"
     assert row[3] == "failed (1 of 1)"
     assert f"- {tmp_path / '1'}: unfinished: no metrics.json and no error.txt" in table
     assert f"- {tmp_path / '2'}: ValueError: loss is NaN" in table
@@ -71,15 +71,15 @@ def test_other_overrides_make_their_own_rows(tmp_path):
     make_job(tmp_path / "0", "tps", "rts", 1, 0.5, extra=["model.tps.rows=3", "trainer.max_epochs=2"])
     make_job(tmp_path / "1", "tps", "rts", 1, 0.7, extra=["model.tps.rows=5", "trainer.max_epochs=2"])
     table = results_table(collect_runs(tmp_path))
-    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=3)")[1] == "0.50 ± 0.00 (n=1)"
-    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=5)")[1] == "0.70 ± 0.00 (n=1)"
+    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=3)")[1] == "0.50 (n=1)"
+    assert table_row(table, "ST-CNN TPS (ours, model.tps.rows=5)")[1] == "0.70 (n=1)"
 
 
 def test_script_prints_table_and_rejects_empty_folder(tmp_path):
     make_job(tmp_path / "sweep" / "0_seed=1", "tps", "r", 1, 0.4)
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "table.py"), str(tmp_path / "sweep")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert table_row(done.stdout, "ST-CNN TPS (ours)")[0] == "0.40 ± 0.00 (n=1)"
+    assert table_row(done.stdout, "ST-CNN TPS (ours)")[0] == "0.40 (n=1)"
     with pytest.raises(FileNotFoundError, match="No Hydra job folders"):
         collect_runs(tmp_path / "sweep" / "0_seed=1" / ".hydra")
 
@@ -96,7 +96,7 @@ def test_chains_are_named_by_their_last_stage_and_the_pose_table_averages_seeds(
     runs = collect_runs(tmp_path)
     table = results_table(runs)
     assert table_row(table, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 ± 0.14 (n=2)"
-    assert table_row(table, "ST-CNN Aff (ours, similarity+affine)")[3] == "1.00 ± 0.00 (n=1)"
+    assert table_row(table, "ST-CNN Aff (ours, similarity+affine)")[3] == "1.00 (n=1)"
     assert table_row(table, "ST-CNN Aff (paper)") == ["0.7", "0.5", "0.8", "1.2"]
     poses = pose_table(runs)
     assert table_row(poses, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 / 0.60 / 0.20 (n=2)"
