@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
+from stn.equivariance import equivariance_error
 from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
 from stn.pose import DIGIT_HALF_SIZE, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
@@ -93,6 +94,7 @@ class STNClassifier(L.LightningModule):
         num_log_images: int = 16,
         freeze_classifier: tuple[float, float] | None = None,
         oracle_pose: bool = False,
+        equivariance: dict | None = None,
         compile: bool | dict = False,
     ):
         super().__init__()
@@ -133,6 +135,7 @@ class STNClassifier(L.LightningModule):
             )
             self.freeze_classifier = None
         self.oracle_pose = bool(oracle_pose)
+        self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
         self._compiled = False
         if self.oracle_pose and not self.transformer.loc_nets:
             raise SettingError(
@@ -206,6 +209,12 @@ class STNClassifier(L.LightningModule):
         else:
             logits, params, _ = self._step(images)
             loss = F.cross_entropy(logits, labels)
+        if self.equivariance["weight"]:
+            error = equivariance_error(
+                self.transformer, images, params[0], self.equivariance["angle"], self.equivariance["log_scale"]
+            )
+            self.log("train/equivariance", error, on_step=True, on_epoch=False)
+            loss = loss + self.equivariance["weight"] * error
         bending = self.transformer.bending(params) if self.bending_weight else None
         if bending is not None:
             bending = bending.mean()
@@ -464,6 +473,23 @@ def _check_epoch_range(epochs: Sequence[float] | None) -> tuple[float, float] | 
             "model.freeze_classifier=[1,3]."
         )
     return float(epochs[0]), float(epochs[1])
+
+
+def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[str, float]:
+    settings = {"weight": 0.0, "angle": 30.0, "log_scale": 0.15, **dict(config or {})}
+    unknown = sorted(set(settings) - {"weight", "angle", "log_scale"})
+    values = [settings[key] for key in ("weight", "angle", "log_scale")]
+    if unknown or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+        raise SettingError(
+            f"model.equivariance must hold weight, angle (degrees) and log_scale, each a number >= 0, got "
+            f"{dict(config or {})!r}. Set e.g. model.equivariance.weight=0.1 (0: off)."
+        )
+    if settings["weight"] and not has_transformer:
+        raise SettingError(
+            f"model.equivariance.weight={settings['weight']} trains the transformer's first stage, but "
+            "model.transform=none has none; choose a transform or set model.equivariance.weight=0."
+        )
+    return {key: float(value) for key, value in settings.items()}
 
 
 def _check_optimization(optimizer: dict, scheduler: dict) -> None:

@@ -21,12 +21,13 @@ from torchvision.models import ResNet18_Weights
 
 import stn.data.distortions as D
 from stn.classifier import CNNClassifier
+from stn.equivariance import equivariance_error, random_similarity
 from stn.errors import SettingError
 from stn.health import loc_net_health
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import bending_energy, grid_points, tps_warp
-from stn.transformer import SpatialTransformer
+from stn.transformer import SpatialTransformer, similarity_theta
 from stn.viz import draw_mesh, draw_points, image_grid, to_pixels
 
 CHEAP = {"backbone": "resnet18", "weights": None, "input_size": 16}
@@ -663,3 +664,69 @@ def test_a_freeze_range_that_outlasts_the_run_warns_with_the_fix(caplog):
     model._trainer = SimpleNamespace(max_epochs=12)
     model.on_fit_start()
     assert "outlasts" not in caplog.text
+
+
+# ---------------------------------------------------------------- equivariance of the first stage
+
+
+def test_equivariance_error_of_the_identity_transformer_is_the_closed_form():
+    """At the identity both maps are the layout itself, so a target point o of the layout lands at
+    s R(a) o instead of o: |s R(a) o - o|^2 = |o|^2 (s^2 - 2 s cos a + 1), and the layout's spread is
+    sum |o|^2 (its mean is 0), so the relative error is s^2 - 2 s cos a + 1 per image."""
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28))
+    x = images(5)
+    params = model.transformer.localize(x)
+    torch.manual_seed(3)
+    error = equivariance_error(model.transformer, x, params[0], 30.0, 0.15)
+    torch.manual_seed(3)
+    theta = random_similarity(5, 30.0, 0.15, "cpu").double()
+    scale = torch.linalg.det(theta[:, :, :2]).sqrt()
+    cos = theta[:, 0, 0] / scale
+    assert cos.min() < math.cos(math.radians(10)), "the draws turn the images"
+    expected = (scale.square() - 2 * scale * cos + 1).mean()
+    torch.testing.assert_close(error.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_equivariance_error_is_zero_for_a_first_stage_that_moves_with_the_image(monkeypatch):
+    """A first stage that predicts g for the image and A^-1 g for its copy turned by A (angle - a,
+    log-scale - log s, shift R(-a) t / s) is exactly equivariant; a stage that ignores the turn is not."""
+    model = STNClassifier("similarity", loc_net=CHEAP)
+    x = images(4)
+    angle, log_scale = torch.tensor([0.3, -0.5, 0.1, 0.0]), torch.tensor([0.1, -0.2, 0.0, 0.05])
+    turn = torch.tensor([[0.4, 0.1], [-0.3, -0.12], [0.5, 0.0], [-0.1, 0.14]])  # (a, log s) per image
+    own = torch.stack([angle, log_scale, torch.full((4,), 0.2), torch.full((4,), -0.1)], 1)
+    a, s = turn[:, 0], turn[:, 1].exp()
+    shift = own[:, 2:]
+    back = torch.stack([a.cos() * shift[:, 0] + a.sin() * shift[:, 1], -a.sin() * shift[:, 0] + a.cos() * shift[:, 1]], 1) / s[:, None]
+    moved = torch.cat([(angle - a)[:, None], (log_scale - turn[:, 1])[:, None], back], 1)
+    theta = similarity_theta(torch.cat([turn, torch.zeros(4, 2)], 1))
+    monkeypatch.setattr("stn.equivariance.random_similarity", lambda *args: theta)
+    stage = model.transformer.stages[0]
+    monkeypatch.setattr(stage.loc_net, "forward", lambda images: moved)
+    assert equivariance_error(model.transformer, x, own, 30.0, 0.15).item() < 1e-10
+    monkeypatch.setattr(stage.loc_net, "forward", lambda images: own)
+    ignoring = equivariance_error(model.transformer, x, own, 30.0, 0.15)
+    assert ignoring.item() > 0.01
+    small = own.clone()
+    small[:, 1] -= 5  # the same maps shrunk towards the image centre: no less wrong relative to their size
+    small[:, 2:] *= math.exp(-5)
+    monkeypatch.setattr(stage.loc_net, "forward", lambda images: small)
+    torch.testing.assert_close(equivariance_error(model.transformer, x, small, 30.0, 0.15), ignoring)
+
+
+def test_equivariance_adds_its_weighted_error_to_the_loss_and_bad_settings_name_the_setting():
+    torch.manual_seed(0)
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, equivariance={"weight": 0.5})
+    x, labels = images(4), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(7)
+    loss = model.training_step((x, labels), 0)
+    torch.manual_seed(7)
+    logits, params, _ = model._step(x)
+    expected = F.cross_entropy(logits, labels) + 0.5 * equivariance_error(model.transformer, x, params[0], 30.0, 0.15)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(SettingError, match=r"model\.equivariance must hold weight, angle"):
+        STNClassifier("affine", loc_net=CHEAP, equivariance={"weight": -1})
+    with pytest.raises(SettingError, match=r"model\.equivariance must hold weight, angle"):
+        STNClassifier("affine", loc_net=CHEAP, equivariance={"wieght": 1})
+    with pytest.raises(SettingError, match=r"model\.equivariance\.weight=1\.0 .*model\.transform=none"):
+        STNClassifier("none", equivariance={"weight": 1.0})
