@@ -274,6 +274,19 @@ def test_oracle_pose_run_logs_its_pose_error_and_the_floor(tmp_path, tiny_run):
     assert {"test/pose/angle_left", "test/pose/log_scale_left", "test/pose/shift_left"} <= metrics.keys()
 
 
+def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
+    """model.equivariance through the real script: the first stage's relative error on turned copies
+    is logged every step, below the identity's bound for turns of at most 30 degrees and no scaling
+    (1 + 1 - 2 cos 30deg = 0.27)."""
+    run, _ = run_script(
+        "train.py", tmp_path, "equivariance", "+experiment=mnist_tps", *tiny_run, "model.equivariance.weight=1",
+        "model.equivariance.log_scale=0", "trainer.limit_train_batches=5",
+    )
+    values = [event.value for event in events(run).Scalars("train/equivariance")]
+    assert len(values) == 5 and all(0 < v < 0.27 for v in values)
+    assert read_metrics(run)["config"]["model"]["equivariance"] == {"weight": 1.0, "angle": 30.0, "log_scale": 0.0}
+
+
 def test_bf16_and_compile_options_through_the_script_on_cpu(tmp_path, tiny_run):
     """The GPU path's options run on a CPU too: bf16 autocast, channels-last, torch.compile (aot_eager)."""
     run, output = run_script(
