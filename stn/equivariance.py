@@ -6,8 +6,8 @@ first stage's map ``g'`` of ``x'`` (output -> ``x'``) must then satisfy ``A g'(o
 output point ``o``, where ``g`` is its map of ``x``. :func:`equivariance_error` measures how far it is
 from that, relative to the spread of ``g`` itself: in absolute units a stage could meet it by zooming
 into a point (a map of scale 0 is trivially equivariant; a first probe did exactly that, with the next
-stage zooming back out), and a ratio leaves no such way out. It needs no label and no knowledge of the data's own distortion
-(``A`` is drawn here); it only says that the first stage's prediction must move with the image, so the
+stage zooming back out), and a ratio leaves no such way out. It needs no label and no knowledge of the
+data's own distortion (``A`` is drawn here); it only says that the first stage's prediction must move with the image, so the
 class loss is left to choose one pose for all digits. A classifier that has learned to read turned
 digits gives the transformer little reason to turn them (the curriculum fights that); this gives the
 transformer a reason of its own.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stn.transformer import SpatialTransformer, similarity_theta
+from stn.transformer import SpatialTransformer, affine_points, similarity_theta
 
 __all__ = ["random_similarity", "equivariance_error"]
 
@@ -57,6 +57,6 @@ def equivariance_error(
     points = transformer.target_points.to(images.dtype).expand(images.shape[0], -1, -1)
     expected = stage.map_points(first_params, points)
     carried = stage.map_points(stage.loc_net(turned), points)
-    back = carried @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+    back = affine_points(theta, carried)
     spread = (expected - expected.mean(1, keepdim=True)).square().sum((1, 2))
     return ((back - expected).square().sum((1, 2)) / spread.clamp_min(1e-12)).mean()

@@ -31,7 +31,7 @@ from stn.errors import SettingError
 from stn.localization import LocalizationNet
 from stn.tps import TPSGridGen, bending_energy, grid_points, warp_points
 
-__all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_theta"]
+__all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_theta", "affine_points"]
 
 TRANSFORMS = ("tps", "affine", "similarity", "none")
 STAGE_KINDS = ("tps", "affine", "similarity")
@@ -44,6 +44,11 @@ def similarity_theta(params: Tensor) -> Tensor:
     scale = log_scale.exp()
     cos, sin = scale * angle.cos(), scale * angle.sin()
     return torch.stack([torch.stack([cos, -sin, shift_x], -1), torch.stack([sin, cos, shift_y], -1)], 1)
+
+
+def affine_points(theta: Tensor, points: Tensor) -> Tensor:
+    """Points ``(N, P, 2)`` mapped through ``theta`` ``(N, 2, 3)``: ``theta[:, :, :2] @ p + theta[:, :, 2]``."""
+    return points @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
 
 
 class TransformStage(nn.Module):
@@ -80,8 +85,7 @@ class TransformStage(nn.Module):
         """Points ``(N, P, 2)`` of this stage's output frame -> its input frame ``(N, P, 2)``."""
         if self.kind == "tps":
             return warp_points(points, params, self.grid_gen.target_points)
-        theta = self.theta(params).to(points.dtype)
-        return points @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+        return affine_points(self.theta(params).to(points.dtype), points)
 
 
 class SpatialTransformer(nn.Module):
