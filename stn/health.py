@@ -18,7 +18,8 @@ __all__ = ["loc_net_health"]
 
 @torch.no_grad()
 def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict[str, float]]:
-    """Per stage of ``transformer``, on images ``(N, C, H, W)``:
+    """Per stage of ``transformer``, on images ``(N, C, H, W)`` (a stage applied in several passes is
+    measured on its first):
 
     - ``param_std``: standard deviation over the images of each predicted parameter, averaged over the
       parameters (0: the same transform for every image);
@@ -27,7 +28,7 @@ def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict
     """
     hidden: dict[int, Tensor] = {}
     handles = [
-        loc_net.head[1].register_forward_hook(lambda module, args, output, index=index: hidden.__setitem__(index, output))
+        loc_net.head[1].register_forward_hook(lambda module, args, output, index=index: hidden.setdefault(index, output))
         for index, loc_net in enumerate(transformer.loc_nets) if isinstance(loc_net.head, nn.Sequential)
     ]
     try:
@@ -36,7 +37,8 @@ def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict
         for handle in handles:
             handle.remove()
     report = []
-    for index, stage_params in enumerate(params):
+    for index in range(len(transformer.stages)):
+        stage_params = params[transformer.chain.index(index)]
         health = {"param_std": float(stage_params.flatten(1).float().std(0).mean())}
         if index in hidden:
             health["dead_units"] = float((hidden[index] <= 0).all(0).float().mean())

@@ -73,6 +73,8 @@ class STNClassifier(L.LightningModule):
         compile: compile the loc-nets and the classifier with ``torch.compile`` when training or
             testing starts (``True``, or a dict of its keyword arguments, e.g. ``{"mode":
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
+        passes: how many times each stage is applied with its own loc-net, reading the image warped by
+            the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class STNClassifier(L.LightningModule):
         oracle_pose: bool = False,
         equivariance: dict | None = None,
         compile: bool | dict = False,
+        passes: int | Sequence[int] = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -105,7 +108,7 @@ class STNClassifier(L.LightningModule):
         _check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
-            padding_mode=padding_mode, **(tps or {}),
+            padding_mode=padding_mode, passes=passes, **(tps or {}),
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -507,6 +507,47 @@ def test_bending_energy_sums_the_tps_stages():
     assert SpatialTransformer("affine", loc_net=CHEAP).bending([torch.eye(2, 3)[None]]) is None
 
 
+def test_a_stage_applied_twice_reads_its_own_view_and_composes_the_two_maps():
+    """passes=2 of a similarity stage: the second pass is the same loc-net on the image warped by the
+    first, and the composed map is the product of the two 3x3 matrices (checked against a warp of a warp)."""
+    stn = SpatialTransformer("similarity", loc_net=CHEAP, output_size=(28, 28), passes=2)
+    _perturb(stn)
+    x = images(2)
+    first, second = stn.localize(x)
+    theta1 = stn.stages[0].theta(first)
+    view = F.grid_sample(x, F.affine_grid(theta1, [2, 1, 16, 16], align_corners=False), align_corners=False)
+    torch.testing.assert_close(second, stn.loc_nets[0](view))
+    bottom = torch.tensor([0.0, 0.0, 1.0]).expand(2, 1, 3)
+    product = torch.cat([theta1, bottom], 1) @ torch.cat([stn.stages[0].theta(second), bottom], 1)
+    expected = F.affine_grid(product[:, :2], [2, 1, 28, 28], align_corners=False)
+    torch.testing.assert_close(stn.grid([first, second], x), expected, atol=1e-5, rtol=0)
+    assert stn.chain == (0, 0)
+    assert sum(p.numel() for p in stn.parameters()) == sum(
+        p.numel() for p in SpatialTransformer("similarity", loc_net=CHEAP).parameters()
+    )  # no new weights: the same loc-net twice
+
+
+def test_passes_per_stage_order_the_chain_and_keep_one_health_report_per_stage():
+    stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=[3, 1])
+    assert stn.chain == (0, 0, 0, 1) and len(stn.loc_nets) == 2
+    _perturb(stn)
+    x = images(4)
+    params = stn.localize(x)
+    assert [tuple(p.shape[1:]) for p in params] == [(4,), (4,), (4,), (16, 2)]
+    torch.testing.assert_close(stn.bending(params), bending_energy(params[3], stn.target_points))
+    health = loc_net_health(stn, x)
+    assert len(health) == 2
+    assert health[0]["param_std"] == pytest.approx(float(params[0].detach().std(0).mean()))  # the first pass
+    untrained = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=2)
+    torch.testing.assert_close(untrained(x), x, atol=1e-5, rtol=0)  # the identity, however many passes
+
+
+@pytest.mark.parametrize("passes", [[2], [1, 0], 0, [1.5, 1]])
+def test_passes_that_do_not_fit_the_stages_name_the_setting(passes):
+    with pytest.raises(SettingError, match=r"model.passes=.*one whole number >= 1 per stage \(2 here\)"):
+        SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=passes)
+
+
 @pytest.mark.parametrize("transform", [["none", "tps"], [], ["tps", "projective"]])
 def test_bad_chains_are_refused(transform):
     with pytest.raises(ValueError, match=r"model.transform=\[similarity,tps\]"):
