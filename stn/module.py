@@ -19,7 +19,7 @@ from stn.compilation import compile_networks
 from stn.equivariance import equivariance_error
 from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
-from stn.pose import DIGIT_HALF_SIZE, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
+from stn.pose import DIGIT_HALF_SIZE, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
 from stn.viz import transformer_panels
 
@@ -37,7 +37,8 @@ class STNClassifier(L.LightningModule):
     At validation and test, when the batches carry each image's digit map (the MNIST data module's
     do), it also measures how much of the distortion the transformer leaves (:mod:`stn.pose`):
     ``val/pose/angle``, ``.../angle_identity``, ``.../angle_left`` and the same for ``log_scale``,
-    ``shift`` and ``residual``. Once per validation it logs the loc-nets' health on the first
+    ``shift`` and ``residual``, and where the distortion turns the digits ``.../angle_slope`` and
+    ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`). Once per validation it logs the loc-nets' health on the first
     validation batch: the spread of each stage's predicted parameters (``loc/stage<k>/param_std``) and
     the share of its head's hidden units that are dead on every image (``loc/stage<k>/dead_units``).
 
@@ -127,6 +128,7 @@ class STNClassifier(L.LightningModule):
         self.pose = torch.nn.ModuleDict({
             f"{split}_{which}": PoseSpread() for split in ("val", "test") for which in ("after", "identity")
         })
+        self.angle_slope = torch.nn.ModuleDict({split: AngleSlope() for split in ("val", "test")})
         self._first_val_batch: Tensor | None = None
         self.freeze_classifier = _check_epoch_range(freeze_classifier)
         if self.freeze_classifier and not self.transformer.loc_nets:
@@ -298,19 +300,26 @@ class STNClassifier(L.LightningModule):
         batch, height, width = grid.shape[:3]
         identity = self.transformer.compose([], (height, width), images)
         output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
+        angles = {}
         for which, sampled in (("after", grid), ("identity", identity)):
             digit = to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
             fit = fit_similarity(output.float(), digit, frame_weights(digit))
             self.pose[f"{split}_{which}"].update(fit)
+            angles[which] = fit["angle"]
+        self.angle_slope[split].update(angles["after"], angles["identity"])
 
     def _log_pose(self, split: str) -> None:
         after, identity = self.pose[f"{split}_after"], self.pose[f"{split}_identity"]
         if int(after.count) == 0:
             return
-        for name, value in pose_report(after.compute(), identity.compute()).items():
+        report = pose_report(after.compute(), identity.compute())
+        if "angle_left" in report:  # a distortion that turns the digits: how the angle left follows the one drawn
+            report.update({name: float(value) for name, value in self.angle_slope[split].compute().items()})
+        for name, value in report.items():
             self.log(f"{split}/pose/{name}", value)
         after.reset()
         identity.reset()
+        self.angle_slope[split].reset()
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
         if batch_idx == 0:

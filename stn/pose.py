@@ -28,7 +28,8 @@ from torchmetrics import Metric
 from stn.tps import warp_points
 
 __all__ = [
-    "to_digit", "frame_weights", "fit_similarity", "PoseSpread", "pose_report", "SPREADS", "MIN_SPREAD", "DIGIT_HALF_SIZE",
+    "to_digit", "frame_weights", "fit_similarity", "PoseSpread", "AngleSlope", "pose_report", "SPREADS", "MIN_SPREAD",
+    "DIGIT_HALF_SIZE",
 ]
 
 DIGIT_HALF_SIZE = 14.0
@@ -142,6 +143,41 @@ class PoseSpread(Metric):
             "shift": (self.shift_sq / count - mean_shift.square().sum()).clamp_min(0).sqrt(),
             "residual": (self.residual_sq / count).sqrt(),
         }
+
+
+class AngleSlope(Metric):
+    """Least-squares line of the angle after the transformer on the angle of the identity, over a set.
+
+    ``update(after, identity)`` adds a batch of per-image angles ``(N,)`` (radians, as
+    :func:`fit_similarity` returns them: the identity's is the angle the distortion drew); ``compute()``
+    returns ``{"angle_slope", "angle_scatter"}``: the slope, and the rms distance of the angles after
+    from that line, degrees. Angles are taken as they come, in ``(-pi, pi]``: a set whose angles after
+    the transformer straddle +-180 degrees has no meaningful line.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("count", "x", "y", "xx", "xy", "yy"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, after: Tensor, identity: Tensor) -> None:
+        y, x = after.double(), identity.double()
+        self.count += x.numel()
+        self.x += x.sum()
+        self.y += y.sum()
+        self.xx += x.square().sum()
+        self.xy += (x * y).sum()
+        self.yy += y.square().sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        count = self.count.clamp_min(1)
+        var_x = self.xx / count - (self.x / count).square()
+        cov = self.xy / count - self.x * self.y / count.square()
+        var_y = self.yy / count - (self.y / count).square()
+        slope = cov / var_x
+        return {"angle_slope": slope, "angle_scatter": torch.rad2deg((var_y - slope * cov).clamp_min(0).sqrt())}
 
 
 def pose_report(after: dict[str, Tensor], identity: dict[str, Tensor]) -> dict[str, float]:

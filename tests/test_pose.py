@@ -25,7 +25,7 @@ from stn.data.distortions import (
     similarity_grid,
 )
 from stn.module import STNClassifier
-from stn.pose import MIN_SPREAD, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
+from stn.pose import MIN_SPREAD, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 
 COUNT = 300
 
@@ -155,6 +155,29 @@ def test_the_module_reports_ratio_one_for_an_identity_transformer():
     for spread in ("angle", "log_scale", "shift"):
         assert logged[f"test/pose/{spread}_left"] == pytest.approx(1.0, abs=1e-4)
     assert logged["test/pose/angle_identity"] > 20
+    # the angle after is the angle drawn: slope 1, nothing off the line
+    assert logged["test/pose/angle_slope"] == pytest.approx(1.0, abs=1e-4)
+    assert logged["test/pose/angle_scatter"] < 1e-2
+
+
+def test_angle_slope_is_the_least_squares_line_over_all_batches():
+    """Two batches of angles after = drawn / 3 + offset + noise: the slope and scatter of one float64
+    least-squares fit over both (numpy's polyfit), in degrees for the scatter."""
+    generator = np.random.default_rng(0)
+    drawn = generator.uniform(-np.pi / 4, np.pi / 4, 500)
+    after = drawn / 3 + 0.1 + generator.normal(0.0, 0.2, 500)
+    slope, offset = np.polyfit(drawn, after, 1)
+    scatter = np.degrees(np.sqrt(np.mean((after - (slope * drawn + offset)) ** 2)))
+    metric = AngleSlope()
+    for part in (slice(0, 200), slice(200, 500)):
+        metric.update(torch.from_numpy(after[part]).float(), torch.from_numpy(drawn[part]).float())
+    result = metric.compute()
+    assert float(result["angle_slope"]) == pytest.approx(slope, rel=1e-5)
+    assert float(result["angle_scatter"]) == pytest.approx(scatter, rel=1e-4)
+    assert 0.25 < slope < 0.42  # the noise moves the fit, not the test: it compares with the same data's fit
+    metric.reset()
+    metric.update(torch.zeros(4), torch.tensor([-0.3, -0.1, 0.2, 0.4]))  # every turn undone
+    assert float(metric.compute()["angle_slope"]) == 0.0 and float(metric.compute()["angle_scatter"]) == 0.0
 
 
 def test_the_fit_reads_only_inside_the_digit_frame():

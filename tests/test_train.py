@@ -80,6 +80,7 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     pose = {f"{split}/pose/{name}{suffix}" for split in ("val", "test") for name in ("angle", "log_scale", "shift")
             for suffix in ("", "_identity", "_left")}
     pose |= {f"{split}/pose/residual{suffix}" for split in ("val", "test") for suffix in ("", "_identity")}
+    pose |= {f"{split}/pose/angle_{name}" for split in ("val", "test") for name in ("slope", "scatter")}
     assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose
     # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
     assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
@@ -113,7 +114,8 @@ def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
     assert test_error == pytest.approx(read_metrics(tps_run)["metrics"]["test/error"], abs=1e-4)
     # what the transformer learned, per validation and at test, as in metrics.json
     metrics = read_metrics(tps_run)["metrics"]
-    for tag in ("val/pose/angle_left", "val/pose/shift_left", "val/pose/log_scale_left", "test/pose/angle_left"):
+    for tag in ("val/pose/angle_left", "val/pose/shift_left", "val/pose/log_scale_left", "test/pose/angle_left",
+                "val/pose/angle_slope", "test/pose/angle_scatter"):
         assert tensorboard.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-5), tag
     assert len(tensorboard.Scalars("val/pose/angle_left")) == 2  # once per epoch
     # loc-net health of both stages, once per epoch
