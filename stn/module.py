@@ -21,6 +21,7 @@ from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
 from stn.pose import DIGIT_HALF_SIZE, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
+from stn.turned_negatives import turn_away, uniform_cross_entropy
 from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
@@ -76,6 +77,9 @@ class STNClassifier(L.LightningModule):
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
         passes: how many times each stage is applied with its own loc-net, reading the image warped by
             the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
+        turned_negatives: ``weight``, ``min_angle``, ``max_angle`` (degrees): while the classifier learns,
+            it also reads its input turned by ``±U(min_angle, max_angle)`` and is trained towards uniform
+            class probabilities there, weighted by ``weight`` (0: off; :mod:`stn.turned_negatives`).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class STNClassifier(L.LightningModule):
         equivariance: dict | None = None,
         compile: bool | dict = False,
         passes: int | Sequence[int] = 1,
+        turned_negatives: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -141,6 +146,7 @@ class STNClassifier(L.LightningModule):
             self.freeze_classifier = None
         self.oracle_pose = bool(oracle_pose)
         self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
+        self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_pose)
         self._compiled = False
         if self.oracle_pose and not self.transformer.loc_nets:
             raise SettingError(
@@ -212,8 +218,10 @@ class STNClassifier(L.LightningModule):
             self.log("train/pose_error", pose_error, on_step=True, on_epoch=False)
             loss = F.cross_entropy(logits, labels) + pose_error
         else:
-            logits, params, _ = self._step(images)
+            logits, params, grid = self._step(images)
             loss = F.cross_entropy(logits, labels)
+            if self.turned_negatives["weight"] and next(self.classifier.parameters()).requires_grad:
+                loss = loss + self.turned_negatives["weight"] * self._turned_negative_loss(images, grid)
         if self.equivariance["weight"]:
             error = equivariance_error(
                 self.transformer, images, params[0], self.equivariance["angle"], self.equivariance["log_scale"]
@@ -229,6 +237,16 @@ class STNClassifier(L.LightningModule):
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _turned_negative_loss(self, images: Tensor, grid: Tensor) -> Tensor:
+        """The classifier on its input turned away (:func:`~stn.turned_negatives.turn_away`, no gradient to
+        the transformer) against uniform class probabilities; logged as ``train/turned_negatives``."""
+        settings = self.turned_negatives
+        warped = self.transformer.sample(images, grid.detach())
+        turned = turn_away(warped, settings["min_angle"], settings["max_angle"])
+        loss = uniform_cross_entropy(self.classify(turned))
+        self.log("train/turned_negatives", loss, on_step=True, on_epoch=False)
         return loss
 
     def _oracle_step(self, images: Tensor, digit_map: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
@@ -500,6 +518,26 @@ def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[s
         raise SettingError(
             f"model.equivariance.weight={settings['weight']} trains the transformer's first stage, but "
             "model.transform=none has none; choose a transform or set model.equivariance.weight=0."
+        )
+    return {key: float(value) for key, value in settings.items()}
+
+
+def _check_turned_negatives(config: Mapping | None, oracle_pose: bool) -> dict[str, float]:
+    settings = {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0, **dict(config or {})}
+    unknown = sorted(set(settings) - {"weight", "min_angle", "max_angle"})
+    values = [settings[key] for key in ("weight", "min_angle", "max_angle")]
+    if unknown or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values) or (
+        settings["min_angle"] > settings["max_angle"]
+    ):
+        raise SettingError(
+            f"model.turned_negatives must hold weight, min_angle and max_angle (degrees), each a number >= 0 with "
+            f"min_angle <= max_angle, got {dict(config or {})!r}. Set e.g. model.turned_negatives.weight=0.5 "
+            "model.turned_negatives.min_angle=20 model.turned_negatives.max_angle=45 (weight 0: off)."
+        )
+    if settings["weight"] and oracle_pose:
+        raise SettingError(
+            "model.turned_negatives.weight is set together with model.oracle_pose=true, which measures the floor of "
+            "the pose measure with the plain class loss; set model.turned_negatives.weight=0 for the floor."
         )
     return {key: float(value) for key, value in settings.items()}
 

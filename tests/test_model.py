@@ -28,6 +28,7 @@ from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import bending_energy, grid_points, tps_warp
 from stn.transformer import SpatialTransformer, similarity_theta
+from stn.turned_negatives import turn_away, uniform_cross_entropy
 from stn.viz import draw_mesh, draw_points, image_grid, to_pixels
 
 CHEAP = {"backbone": "resnet18", "weights": None, "input_size": 16}
@@ -771,3 +772,58 @@ def test_equivariance_adds_its_weighted_error_to_the_loss_and_bad_settings_name_
         STNClassifier("affine", loc_net=CHEAP, equivariance={"wieght": 1})
     with pytest.raises(SettingError, match=r"model\.equivariance\.weight=1\.0 .*model\.transform=none"):
         STNClassifier("none", equivariance={"weight": 1.0})
+
+
+# ---------------------------------------------------------------- turned negatives
+
+
+def test_turn_away_turns_each_image_by_the_drawn_angle_either_way():
+    """A small blob off the centre of a square image lands where a turn of +-30 degrees about the centre
+    takes it (its intensity centroid, against the closed-form rotation), and both signs are drawn."""
+    x = torch.zeros(32, 1, 41, 41)
+    x[..., 8:12, 27:31] = 1.0  # the blob at (x, y) = (28.5, 9.5) pixels - 20 = (8.5, -10.5) about the centre
+    torch.manual_seed(0)
+    turned = turn_away(x, 30.0, 30.0)
+    ys, xs = torch.meshgrid(torch.arange(41.0) - 20, torch.arange(41.0) - 20, indexing="ij")
+    mass = turned[:, 0].sum((1, 2))
+    centroid = torch.stack([(turned[:, 0] * xs).sum((1, 2)), (turned[:, 0] * ys).sum((1, 2))], 1) / mass[:, None]
+    a = math.radians(30.0)
+    # grid_sample reads the input at R p, so a blob at q shows at R^-1 q, for R of +30 or -30 degrees
+    candidates = [torch.tensor([math.cos(s * a) * 8.5 + math.sin(s * a) * -10.5,
+                                -math.sin(s * a) * 8.5 + math.cos(s * a) * -10.5]) for s in (1, -1)]
+    distances = torch.stack([(centroid - c).norm(dim=1) for c in candidates], 1)
+    assert distances.min(1).values.max() < 0.3
+    assert (distances.argmin(1) == 0).any() and (distances.argmin(1) == 1).any()
+    torch.testing.assert_close(mass, torch.full((32,), 16.0), atol=0.2, rtol=0)
+
+
+def test_uniform_cross_entropy_is_the_soft_target_cross_entropy_less_log_k():
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    expected = F.cross_entropy(logits, torch.full_like(logits, 0.1)) - math.log(10)
+    torch.testing.assert_close(uniform_cross_entropy(logits), expected)
+    assert uniform_cross_entropy(torch.full((3, 10), 2.5)).abs() < 1e-6
+
+
+def test_turned_negatives_add_to_the_loss_only_while_the_classifier_learns():
+    torch.manual_seed(0)
+    settings = {"weight": 0.5, "min_angle": 20.0, "max_angle": 45.0}
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28), turned_negatives=settings)
+    x, labels = images(4), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(7)
+    loss = model.training_step((x, labels), 0)
+    torch.manual_seed(7)
+    logits, _, grid = model._step(x)
+    turned = turn_away(model.transformer.sample(x, grid), 20.0, 45.0)
+    expected = F.cross_entropy(logits, labels) + 0.5 * uniform_cross_entropy(model.classify(turned))
+    torch.testing.assert_close(loss, expected)
+    frozen = STNClassifier(["similarity", "tps"], loc_net=CHEAP, turned_negatives=settings, freeze_classifier=[0, 1])
+    loss = frozen.training_step((x, labels), 0)  # freezes the classifier: evaluation mode, no dropout
+    torch.testing.assert_close(loss, F.cross_entropy(frozen._step(x)[0], labels))
+
+
+@pytest.mark.parametrize("settings", [{"weight": -1}, {"wieght": 1}, {"min_angle": 50, "max_angle": 40}])
+def test_bad_turned_negatives_name_the_setting(settings):
+    with pytest.raises(SettingError, match=r"model\.turned_negatives must hold weight, min_angle and max_angle"):
+        STNClassifier("affine", loc_net=CHEAP, turned_negatives=settings)
+    with pytest.raises(SettingError, match=r"model\.oracle_pose=true"):
+        STNClassifier("affine", loc_net=CHEAP, turned_negatives={"weight": 1}, oracle_pose=True)
