@@ -21,7 +21,7 @@ from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
 from stn.pose import DIGIT_HALF_SIZE, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
-from stn.turned_negatives import turn_away, uniform_cross_entropy
+from stn.turned_negatives import turn_grid, uniform_cross_entropy
 from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
@@ -240,11 +240,10 @@ class STNClassifier(L.LightningModule):
         return loss
 
     def _turned_negative_loss(self, images: Tensor, grid: Tensor) -> Tensor:
-        """The classifier on its input turned away (:func:`~stn.turned_negatives.turn_away`, no gradient to
+        """The classifier on its input turned away (:func:`~stn.turned_negatives.turn_grid`, no gradient to
         the transformer) against uniform class probabilities; logged as ``train/turned_negatives``."""
         settings = self.turned_negatives
-        warped = self.transformer.sample(images, grid.detach())
-        turned = turn_away(warped, settings["min_angle"], settings["max_angle"])
+        turned = self.transformer.sample(images, turn_grid(grid.detach(), settings["min_angle"], settings["max_angle"]))
         loss = uniform_cross_entropy(self.classify(turned))
         self.log("train/turned_negatives", loss, on_step=True, on_epoch=False)
         return loss

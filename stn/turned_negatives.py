@@ -6,8 +6,9 @@ asking for more: the transformer turns digits about two thirds of the way back (
 0.36). Here the classifier also reads each image it is trained on turned by a random ``±U(min_angle,
 max_angle)`` degrees and is trained to give that copy uniform class probabilities. It so learns to
 accept only the pose it is shown, and a transformer that leaves a digit turned pays for it. The
-copies are taken of the transformer's output with the gradient stopped: this trains the classifier
-only; the transformer learns from it through the class loss.
+copies are read from the input through the transformer's grid turned, with the gradient stopped
+(:func:`turn_grid`): this trains the classifier only; the transformer learns from it through the
+class loss.
 """
 
 from __future__ import annotations
@@ -18,22 +19,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["turn_away", "uniform_cross_entropy"]
+__all__ = ["turn_grid", "uniform_cross_entropy"]
 
 
-def turn_away(images: Tensor, min_angle: float, max_angle: float) -> Tensor:
-    """``images`` ``(N, C, H, W)``, each turned about its centre by ``±U(min_angle, max_angle)`` degrees
-    (sign and size drawn from torch's global generator), zeros outside. The turn is in normalised
-    coordinates: a true rotation for square images."""
-    batch = images.shape[0]
-    size = torch.rand(batch, device=images.device) * (max_angle - min_angle) + min_angle
-    sign = torch.randint(0, 2, (batch,), device=images.device) * 2 - 1
-    angle = torch.deg2rad(sign * size).to(images.dtype)
+def turn_grid(grid: Tensor, min_angle: float, max_angle: float) -> Tensor:
+    """A sampling grid ``(N, H, W, 2)`` whose output is that of ``grid`` turned about its centre by
+    ``±U(min_angle, max_angle)`` degrees (sign and size drawn from torch's global generator).
+
+    Each output pixel reads ``grid`` at its position turned (bilinearly, exact for affine grids) and
+    output pixels that turn out of the frame read outside the input (zeros). One resample of the
+    input, as for the untouched output: a turned copy resampled a second time would be blurrier, and
+    a classifier told to reject it could learn to reject blur instead of the turn. The turn is in
+    normalised coordinates: a true rotation for square outputs.
+    """
+    batch, height, width = grid.shape[:3]
+    size = torch.rand(batch, device=grid.device) * (max_angle - min_angle) + min_angle
+    sign = torch.randint(0, 2, (batch,), device=grid.device) * 2 - 1
+    angle = torch.deg2rad(sign * size).to(grid.dtype)
     cos, sin = angle.cos(), angle.sin()
     zeros = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zeros], -1), torch.stack([sin, cos, zeros], -1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    turned = F.affine_grid(theta, [batch, 2, height, width], align_corners=False)
+    read = F.grid_sample(grid.permute(0, 3, 1, 2), turned, mode="bilinear", padding_mode="border", align_corners=False)
+    outside = (turned.abs() > 1).any(-1, keepdim=True)
+    return torch.where(outside, torch.full_like(turned, 3.0), read.permute(0, 2, 3, 1))
 
 
 def uniform_cross_entropy(logits: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import bending_energy, grid_points, tps_warp
 from stn.transformer import SpatialTransformer, similarity_theta
-from stn.turned_negatives import turn_away, uniform_cross_entropy
+from stn.turned_negatives import turn_grid, uniform_cross_entropy
 from stn.viz import draw_mesh, draw_points, image_grid, to_pixels
 
 CHEAP = {"backbone": "resnet18", "weights": None, "input_size": 16}
@@ -777,24 +777,37 @@ def test_equivariance_adds_its_weighted_error_to_the_loss_and_bad_settings_name_
 # ---------------------------------------------------------------- turned negatives
 
 
-def test_turn_away_turns_each_image_by_the_drawn_angle_either_way():
-    """A small blob off the centre of a square image lands where a turn of +-30 degrees about the centre
-    takes it (its intensity centroid, against the closed-form rotation), and both signs are drawn."""
+def test_turn_grid_turns_the_output_by_the_drawn_angle_either_way():
+    """Through the identity grid, a small blob off the centre of a square image lands where a turn of
+    +-30 degrees about the centre takes it (its intensity centroid, against the closed-form rotation),
+    both signs are drawn, and through an affine grid the turned grid is the affine map of the turned
+    identity (bilinear reads of an affine grid are exact)."""
     x = torch.zeros(32, 1, 41, 41)
     x[..., 8:12, 27:31] = 1.0  # the blob at (x, y) = (28.5, 9.5) pixels - 20 = (8.5, -10.5) about the centre
+    identity = F.affine_grid(torch.eye(2, 3).expand(32, 2, 3), [32, 1, 41, 41], align_corners=False)
     torch.manual_seed(0)
-    turned = turn_away(x, 30.0, 30.0)
+    turned = F.grid_sample(x, turn_grid(identity, 30.0, 30.0), align_corners=False)
     ys, xs = torch.meshgrid(torch.arange(41.0) - 20, torch.arange(41.0) - 20, indexing="ij")
     mass = turned[:, 0].sum((1, 2))
     centroid = torch.stack([(turned[:, 0] * xs).sum((1, 2)), (turned[:, 0] * ys).sum((1, 2))], 1) / mass[:, None]
     a = math.radians(30.0)
-    # grid_sample reads the input at R p, so a blob at q shows at R^-1 q, for R of +30 or -30 degrees
+    # the output reads the input at R p, so a blob at q shows at R^-1 q, for R of +30 or -30 degrees
     candidates = [torch.tensor([math.cos(s * a) * 8.5 + math.sin(s * a) * -10.5,
                                 -math.sin(s * a) * 8.5 + math.cos(s * a) * -10.5]) for s in (1, -1)]
     distances = torch.stack([(centroid - c).norm(dim=1) for c in candidates], 1)
     assert distances.min(1).values.max() < 0.3
     assert (distances.argmin(1) == 0).any() and (distances.argmin(1) == 1).any()
     torch.testing.assert_close(mass, torch.full((32,), 16.0), atol=0.2, rtol=0)
+    theta = torch.tensor([[[0.7, -0.2, 0.1], [0.25, 0.8, -0.05]]]).expand(32, 2, 3)
+    affine = F.affine_grid(theta, [32, 1, 28, 28], align_corners=False)
+    torch.manual_seed(1)
+    turned_affine = turn_grid(affine, 20.0, 45.0)
+    torch.manual_seed(1)
+    turned_identity = turn_grid(F.affine_grid(torch.eye(2, 3).expand(32, 2, 3), [32, 1, 28, 28], align_corners=False), 20.0, 45.0)
+    inside = (turned_identity.abs() <= 1).all(-1)
+    expected = turned_identity @ theta[:, None, :, :2].transpose(-1, -2) + theta[:, None, None, :, 2]
+    torch.testing.assert_close(turned_affine[inside], expected[inside], atol=1e-5, rtol=0)
+    assert (turned_affine[~inside] == 3.0).all() and (~inside).any()  # out of the frame: outside the input
 
 
 def test_uniform_cross_entropy_is_the_soft_target_cross_entropy_less_log_k():
@@ -813,7 +826,7 @@ def test_turned_negatives_add_to_the_loss_only_while_the_classifier_learns():
     loss = model.training_step((x, labels), 0)
     torch.manual_seed(7)
     logits, _, grid = model._step(x)
-    turned = turn_away(model.transformer.sample(x, grid), 20.0, 45.0)
+    turned = model.transformer.sample(x, turn_grid(grid, 20.0, 45.0))
     expected = F.cross_entropy(logits, labels) + 0.5 * uniform_cross_entropy(model.classify(turned))
     torch.testing.assert_close(loss, expected)
     frozen = STNClassifier(["similarity", "tps"], loc_net=CHEAP, turned_negatives=settings, freeze_classifier=[0, 1])
