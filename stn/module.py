@@ -459,13 +459,21 @@ class STNClassifier(L.LightningModule):
         check_architecture(_single_stage_keys(checkpoint["state_dict"]), self, path)
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> STNClassifier:
-        """Rebuild a trained model from a checkpoint without fetching backbone weights again."""
+    def from_checkpoint(
+        cls, path: str, map_location: str | torch.device = "cpu", passes: int | Sequence[int] | None = None,
+    ) -> STNClassifier:
+        """Rebuild a trained model from a checkpoint without fetching backbone weights again.
+
+        ``passes`` applies its stages another number of times than in training (``None``: as trained);
+        the weights are the same, so this asks what the trained loc-nets do with a second look.
+        """
         checkpoint = load_checkpoint(path, map_location)
         if "hyper_parameters" not in checkpoint:
             raise CorruptInputError(f"{path} holds no model settings (hyper_parameters): it was not written by scripts/train.py.")
         hparams = dict(checkpoint["hyper_parameters"])
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
+        if passes is not None:
+            hparams["passes"] = passes
         model = cls(**hparams)
         model.check_checkpoint(checkpoint, path)
         model.load_state_dict(_single_stage_keys(checkpoint["state_dict"]))

@@ -148,6 +148,17 @@ def test_checkpoint_reloads_in_a_new_process_with_the_same_test_metric(tps_run, 
     assert "test/error" in events(run).Tags()["scalars"]
 
 
+def test_eval_applies_the_stages_more_times_than_in_training(tps_run, tmp_path):
+    """passes=[2,1]: the same weights, the similarity stage applied twice; recorded in the config."""
+    run, _ = run_script(
+        "eval.py", tmp_path, "eval_passes", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}", "passes=[2,1]",
+        "data.batch_size=32", "trainer.limit_test_batches=1",
+    )
+    evaluated = read_metrics(run)
+    assert evaluated["config"]["model"]["passes"] == [2, 1] and evaluated["config"]["passes"] == [2, 1]
+    assert 0 <= evaluated["metrics"]["test/error"] <= 100 and "test/pose/angle_left" in evaluated["metrics"]
+
+
 def test_eval_on_another_distortion(tps_run, tmp_path):
     run, _ = run_script(
         "eval.py", tmp_path, "eval_e", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}",
