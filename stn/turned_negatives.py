@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stn.transformer import similarity_theta
+
 __all__ = ["turn_grid", "uniform_cross_entropy"]
 
 
@@ -36,9 +38,8 @@ def turn_grid(grid: Tensor, min_angle: float, max_angle: float) -> Tensor:
     size = torch.rand(batch, device=grid.device) * (max_angle - min_angle) + min_angle
     sign = torch.randint(0, 2, (batch,), device=grid.device) * 2 - 1
     angle = torch.deg2rad(sign * size).to(grid.dtype)
-    cos, sin = angle.cos(), angle.sin()
-    zeros = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zeros], -1), torch.stack([sin, cos, zeros], -1)], 1)
+    zeros = torch.zeros_like(angle)
+    theta = similarity_theta(torch.stack([angle, zeros, zeros, zeros], -1))
     turned = F.affine_grid(theta, [batch, 2, height, width], align_corners=False)
     read = F.grid_sample(grid.permute(0, 3, 1, 2), turned, mode="bilinear", padding_mode="border", align_corners=False)
     outside = (turned.abs() > 1).any(-1, keepdim=True)
