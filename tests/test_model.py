@@ -361,9 +361,13 @@ def test_a_network_that_cannot_compile_runs_eagerly():
 
 def test_bf16_autocast_keeps_the_tps_grid_in_float32_and_matches_the_plain_path():
     """trainer.precision=bf16-mixed runs the networks under CPU/CUDA autocast: the sampling grid of given
-    parameters is bit-identical to float32 and the logits and gradients agree to bf16 precision."""
+    parameters is bit-identical to float32 and the logits and gradients agree to bf16 precision.
+
+    The loc-nets view the image at 32 px, not CHEAP's 16: there resnet18's layer4 convolves a 1x1 map, and
+    torch 2.14's CPU bf16 weight gradient of that degenerate convolution is NaN about once in 40-100 calls
+    (layer4.0.conv1, nondeterministically; never in 100 calls at 32 px or for the recipe's shufflenet)."""
     torch.manual_seed(0)
-    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28)).eval()
+    model = STNClassifier(["similarity", "tps"], loc_net={**CHEAP, "input_size": 32}, output_size=(28, 28)).eval()
     head = model.transformer.loc_nets[1].head[-1]
     with torch.no_grad():
         head.bias.add_(0.05 * torch.randn_like(head.bias))
