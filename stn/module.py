@@ -75,8 +75,8 @@ class STNClassifier(L.LightningModule):
         compile: compile the loc-nets and the classifier with ``torch.compile`` when training or
             testing starts (``True``, or a dict of its keyword arguments, e.g. ``{"mode":
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
-        passes: how many times each stage is applied with its own loc-net, reading the image warped by
-            the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
+        passes: how many times each stage is applied, its loc-net reading on each pass the image warped
+            by the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
         turned_negatives: ``weight``, ``min_angle``, ``max_angle`` (degrees): while the classifier learns,
             it also reads its input turned by ``±U(min_angle, max_angle)`` and is trained towards uniform
             class probabilities there, weighted by ``weight`` (0: off; :mod:`stn.turned_negatives`).
