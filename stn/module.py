@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -513,39 +513,44 @@ def _check_epoch_range(epochs: Sequence[float] | None) -> tuple[float, float] | 
 
 
 def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[str, float]:
-    settings = {"weight": 0.0, "angle": 30.0, "log_scale": 0.15, **dict(config or {})}
-    unknown = sorted(set(settings) - {"weight", "angle", "log_scale"})
-    values = [settings[key] for key in ("weight", "angle", "log_scale")]
-    if unknown or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
-        raise SettingError(
-            f"model.equivariance must hold weight, angle (degrees) and log_scale, each a number >= 0, got "
-            f"{dict(config or {})!r}. Set e.g. model.equivariance.weight=0.1 (0: off)."
-        )
+    settings = _non_negative_numbers(
+        "model.equivariance", config, {"weight": 0.0, "angle": 30.0, "log_scale": 0.15},
+        "weight, angle (degrees) and log_scale, each a number >= 0", "model.equivariance.weight=0.1 (0: off)",
+    )
     if settings["weight"] and not has_transformer:
         raise SettingError(
             f"model.equivariance.weight={settings['weight']} trains the transformer's first stage, but "
             "model.transform=none has none; choose a transform or set model.equivariance.weight=0."
         )
-    return {key: float(value) for key, value in settings.items()}
+    return settings
 
 
 def _check_turned_negatives(config: Mapping | None, oracle_pose: bool) -> dict[str, float]:
-    settings = {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0, **dict(config or {})}
-    unknown = sorted(set(settings) - {"weight", "min_angle", "max_angle"})
-    values = [settings[key] for key in ("weight", "min_angle", "max_angle")]
-    if unknown or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values) or (
-        settings["min_angle"] > settings["max_angle"]
-    ):
-        raise SettingError(
-            f"model.turned_negatives must hold weight, min_angle and max_angle (degrees), each a number >= 0 with "
-            f"min_angle <= max_angle, got {dict(config or {})!r}. Set e.g. model.turned_negatives.weight=0.5 "
-            "model.turned_negatives.min_angle=20 model.turned_negatives.max_angle=45 (weight 0: off)."
-        )
+    settings = _non_negative_numbers(
+        "model.turned_negatives", config, {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0},
+        "weight, min_angle and max_angle (degrees), each a number >= 0 with min_angle <= max_angle",
+        "model.turned_negatives.weight=0.5 model.turned_negatives.min_angle=20 model.turned_negatives.max_angle=45 "
+        "(weight 0: off)",
+        valid=lambda values: values["min_angle"] <= values["max_angle"],
+    )
     if settings["weight"] and oracle_pose:
         raise SettingError(
             "model.turned_negatives.weight is set together with model.oracle_pose=true, which measures the floor of "
             "the pose measure with the plain class loss; set model.turned_negatives.weight=0 for the floor."
         )
+    return settings
+
+
+def _non_negative_numbers(
+    setting: str, config: Mapping | None, defaults: dict[str, float], what: str, example: str,
+    valid: Callable[[dict[str, float]], bool] = lambda values: True,
+) -> dict[str, float]:
+    """``defaults`` updated from ``config``, as floats; a one-paragraph error unless it holds exactly
+    those keys, each a finite number >= 0, and ``valid`` accepts them."""
+    settings = {**defaults, **dict(config or {})}
+    numbers = all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in settings.values())
+    if set(settings) != set(defaults) or not numbers or not valid(settings):
+        raise SettingError(f"{setting} must hold {what}, got {dict(config or {})!r}. Set e.g. {example}.")
     return {key: float(value) for key, value in settings.items()}
 
 
