@@ -240,7 +240,8 @@ def evaluate(cfg: DictConfig) -> dict:
     for key in ("distortion", "eval_seed"):
         if cfg.data[key] is None:
             cfg.data[key] = run["config"]["data"][key]
-    model = STNClassifier.from_checkpoint(cfg.ckpt_path, passes=_resolved(cfg).get("passes"))
+    resolved = _resolved(cfg)
+    model = STNClassifier.from_checkpoint(cfg.ckpt_path, passes=resolved.get("passes"))
     datamodule = instantiate(cfg.data)
     trainer = L.Trainer(**cfg.trainer, callbacks=build_callbacks(cfg.get("callbacks")),
                         logger=build_logger(cfg.get("logger")))
@@ -250,7 +251,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "checkpoint": str(Path(cfg.ckpt_path).resolve()),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
-    config = {**run["config"], **_resolved(cfg)}
+    config = {**run["config"], **resolved}
     config["model"] = {**config.get("model", {}), "passes": model.hparams.passes}
     return _finish(trainer, config, cfg.paths.output_dir, _scalars(trainer, "test/"), extra)
 
