@@ -220,7 +220,7 @@ class STNClassifier(L.LightningModule):
         else:
             logits, params, grid = self._step(images)
             loss = F.cross_entropy(logits, labels)
-            if self.turned_negatives["weight"] and next(self.classifier.parameters()).requires_grad:
+            if self.turned_negatives["weight"] and self._classifier_learns:
                 loss = loss + self.turned_negatives["weight"] * self._turned_negative_loss(images, grid)
         if self.equivariance["weight"]:
             error = equivariance_error(
@@ -264,13 +264,18 @@ class STNClassifier(L.LightningModule):
         pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).mean()
         return self.classify(self.transformer.sample(images, grid.detach())), params, pose_error
 
+    @property
+    def _classifier_learns(self) -> bool:
+        """Whether the classifier gets gradients now (``False`` inside ``freeze_classifier``)."""
+        return next(self.classifier.parameters()).requires_grad
+
     def _freeze_classifier_in_its_epochs(self) -> None:
         """Freeze the classifier (no gradients, evaluation mode) inside ``freeze_classifier``; thaw it after."""
         first, end = self.freeze_classifier or (0, 0)
         if first <= self.current_epoch < end:  # every step: Lightning puts the module back into training mode
             self.classifier.requires_grad_(False)
             self.classifier.eval()
-        elif not next(self.classifier.parameters()).requires_grad:  # the frozen epochs are over
+        elif not self._classifier_learns:  # the frozen epochs are over
             self.classifier.requires_grad_(True)
             self.classifier.train()
 
