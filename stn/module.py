@@ -19,7 +19,7 @@ from stn.compilation import compile_networks
 from stn.equivariance import equivariance_error
 from stn.errors import CorruptInputError, DivergedError, SettingError
 from stn.health import loc_net_health
-from stn.pose import DIGIT_HALF_SIZE, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
+from stn.pose import DIGIT_HALF_SIZE, MIN_READ, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
 from stn.turned_negatives import turn_grid, uniform_cross_entropy
 from stn.viz import transformer_panels
@@ -38,8 +38,9 @@ class STNClassifier(L.LightningModule):
     At validation and test, when the batches carry each image's digit map (the MNIST data module's
     do), it also measures how much of the distortion the transformer leaves (:mod:`stn.pose`):
     ``val/pose/angle``, ``.../angle_identity``, ``.../angle_left`` and the same for ``log_scale``,
-    ``shift`` and ``residual``, and where the distortion turns the digits ``.../angle_slope`` and
-    ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`). Once per validation it logs the loc-nets' health on the first
+    ``shift`` and ``residual``, ``.../lost`` (the share of images whose output reads under
+    :data:`~stn.pose.MIN_READ` pixels of the digit's frame, left out of the spreads), and where the distortion
+    turns the digits ``.../angle_slope`` and ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`). Once per validation it logs the loc-nets' health on the first
     validation batch: the spread of each stage's predicted parameters (``loc/stage<k>/param_std``) and
     the share of its head's hidden units that are dead on every image (``loc/stage<k>/dead_units``).
 
@@ -318,16 +319,20 @@ class STNClassifier(L.LightningModule):
             self._update_pose(images, grid, extras[0], split)
 
     def _update_pose(self, images: Tensor, grid: Tensor, digit_map: dict[str, Tensor], split: str) -> None:
-        """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer and for the identity."""
+        """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer
+        and for the identity, over the images whose output shows the digit (the others are lost)."""
         batch, height, width = grid.shape[:3]
         identity = self.transformer.compose([], (height, width), images)
         output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
+        digits = {which: to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
+                  for which, sampled in (("after", grid), ("identity", identity))}
+        weights = {which: frame_weights(digit) for which, digit in digits.items()}
+        keep = weights["after"].sum(1) >= MIN_READ
         angles = {}
-        for which, sampled in (("after", grid), ("identity", identity)):
-            digit = to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
-            fit = fit_similarity(output.float(), digit, frame_weights(digit))
-            self.pose[f"{split}_{which}"].update(fit)
-            angles[which] = fit["angle"]
+        for which, digit in digits.items():
+            fit = fit_similarity(output.float(), digit, weights[which])
+            self.pose[f"{split}_{which}"].update(fit, keep)
+            angles[which] = fit["angle"][keep]
         self.angle_slope[split].update(angles["after"], angles["identity"])
 
     def _log_pose(self, split: str) -> None:

@@ -12,6 +12,9 @@ angle (circular standard deviation, degrees), log-scale (standard deviation) and
 from the mean shift, digit pixels), and the non-similar residual (rms distance between the map and its
 best similarity, digit pixels).
 
+An output that reads (almost) none of the digit's frame, a transformer looking away from the digit, has
+no pose to fit: such images are left out of the spreads and counted, as the share ``lost``.
+
 A transformer that brings every digit into one pose leaves no spread; the identity transformer leaves
 the spread the distortion put in. :func:`pose_report` gives both and their ratio (``*_left``: 1 = the
 identity, 0 = every image in the same pose).
@@ -29,7 +32,7 @@ from stn.tps import warp_points
 
 __all__ = [
     "to_digit", "frame_weights", "fit_similarity", "PoseSpread", "AngleSlope", "pose_report", "SPREADS", "MIN_SPREAD",
-    "DIGIT_HALF_SIZE",
+    "DIGIT_HALF_SIZE", "MIN_READ",
 ]
 
 DIGIT_HALF_SIZE = 14.0
@@ -40,6 +43,9 @@ SPREADS = ("angle", "log_scale", "shift", "residual")
 
 MIN_SPREAD = {"angle": 0.5, "log_scale": 0.005, "shift": 0.05, "residual": 0.05}
 """Below this identity spread a distortion has none of that kind, and no ratio is reported."""
+
+MIN_READ = 4
+"""An output with fewer of its pixels inside the digit's frame shows none of the digit: it is ``lost``."""
 
 
 def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
@@ -62,16 +68,15 @@ def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
     return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
 
 
-def frame_weights(digit: Tensor, half_size: float = DIGIT_HALF_SIZE, min_share: float = 0.05) -> Tensor:
+def frame_weights(digit: Tensor, half_size: float = DIGIT_HALF_SIZE) -> Tensor:
     """``(N, P)`` weights: 1 where ``digit`` positions ``(N, P, 2)`` lie inside the digit's frame, else 0.
 
     The frame is the square of side ``2 * half_size`` digit pixels about the digit's centre (28x28 for
-    MNIST). An image with fewer than ``min_share`` of its positions inside (a transformer that looks
-    away from the digit) keeps uniform weights, so its fit says where it looks.
+    MNIST): there the digit map is the distortion's own inverse, not its extrapolation (a homography
+    extrapolated beyond the digit can pass its horizon, where positions go to infinity). An output
+    with fewer than :data:`MIN_READ` positions inside shows none of the digit and has no pose to fit.
     """
-    inside = (digit.abs() <= half_size).all(-1).to(digit.dtype)
-    few = inside.mean(1, keepdim=True) < min_share
-    return torch.where(few, torch.ones_like(inside), inside)
+    return (digit.abs() <= half_size).all(-1).to(digit.dtype)
 
 
 def fit_similarity(points: Tensor, targets: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
@@ -108,19 +113,24 @@ def fit_similarity(points: Tensor, targets: Tensor, weights: Tensor | None = Non
 class PoseSpread(Metric):
     """Spread over a set of images of the similarities :func:`fit_similarity` returns.
 
-    ``update(fit)`` adds a batch; ``compute()`` returns ``{"angle": degrees, "log_scale", "shift":
-    digit pixels, "residual": digit pixels}``. The states are sums, so DDP ranks reduce exactly.
+    ``update(fit, keep)`` adds a batch, of which only the images where ``keep`` ``(N,)`` is true (all
+    when ``None``) count; ``compute()`` returns ``{"angle": degrees, "log_scale", "shift": digit pixels,
+    "residual": digit pixels, "lost": the share of images left out}``. The states are sums, so DDP ranks
+    reduce exactly.
     """
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("count", "cos", "sin", "log", "log_sq", "shift_sq", "residual_sq"):
+        for name in ("count", "lost", "cos", "sin", "log", "log_sq", "shift_sq", "residual_sq"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("shift", default=torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, fit: dict[str, Tensor]) -> None:
+    def update(self, fit: dict[str, Tensor], keep: Tensor | None = None) -> None:
+        if keep is not None:
+            self.lost += (~keep).sum()
+            fit = {name: value[keep] for name, value in fit.items()}
         angle, log_scale = fit["angle"].double(), fit["log_scale"].double()
         shift, residual = fit["shift"].double(), fit["residual"].double()
         self.count += angle.numel()
@@ -142,6 +152,7 @@ class PoseSpread(Metric):
             "log_scale": (self.log_sq / count - mean_log.square()).clamp_min(0).sqrt(),
             "shift": (self.shift_sq / count - mean_shift.square().sum()).clamp_min(0).sqrt(),
             "residual": (self.residual_sq / count).sqrt(),
+            "lost": self.lost / (self.count + self.lost).clamp_min(1),
         }
 
 
@@ -181,7 +192,8 @@ class AngleSlope(Metric):
 
 
 def pose_report(after: dict[str, Tensor], identity: dict[str, Tensor]) -> dict[str, float]:
-    """Scalars ``<spread>`` (after the transformer), ``<spread>_identity`` and ``<spread>_left`` (ratio).
+    """Scalars ``<spread>`` (after the transformer), ``<spread>_identity`` and ``<spread>_left`` (ratio),
+    and ``lost``: the share of images whose output reads too little of the image to have a pose.
 
     A ratio is left out where the identity spread is below :data:`MIN_SPREAD` (e.g. shift on ``r``,
     whose digits all stay centred), since there is nothing to undo.
@@ -193,4 +205,5 @@ def pose_report(after: dict[str, Tensor], identity: dict[str, Tensor]) -> dict[s
         report[f"{name}_identity"] = reference
         if math.isfinite(reference) and reference >= MIN_SPREAD[name]:
             report[f"{name}_left"] = value / reference
+    report["lost"] = float(after["lost"])
     return report

@@ -11,7 +11,8 @@ stopped from outside, e.g. by a cluster time limit).
 The canonicalisation table (:func:`pose_table`) has the same rows and reports what the transformers
 learned: the share of each distortion's spread of pose left after the transformer (``test/pose/*_left``
 of :mod:`stn.pose`: angle / log-scale / shift, and for ``p`` and ``e`` the non-similar residual; 1 = the
-identity, 0 = every test digit in one pose), mean over seeds.
+identity, 0 = every test digit in one pose; and the share of test images lost, whose output shows none
+of the digit), mean over seeds.
 
 A model is named by its transform: a chain of stages (``model.transform=[similarity,tps]``) is named by
 its last stage, compared with the paper's row of that kind (a similarity is an affine map), and its
@@ -35,7 +36,7 @@ __all__ = ["PAPER_ERROR", "Run", "collect_runs", "results_table", "pose_table", 
 
 MODEL_NAMES = {"none": "CNN", "affine": "ST-CNN Aff", "tps": "ST-CNN TPS"}
 PAPER_KIND = {"none": "none", "affine": "affine", "similarity": "affine", "tps": "tps"}
-POSE_KEYS = ("angle_left", "log_scale_left", "shift_left", "residual_left")
+POSE_KEYS = ("angle_left", "log_scale_left", "shift_left", "residual_left", "lost")
 DISTORTIONS = ["r", "rts", "p", "e"]
 
 PAPER_ERROR = {
@@ -229,6 +230,9 @@ def _pose_cell(runs: list[Run], distortion: str) -> str:
     text = " / ".join(_mean(finished, key) for key in keys)
     if distortion in ("p", "e"):
         text += f", residual {_mean(finished, 'residual_left')}"
+    lost = [pose["lost"] for pose in finished if "lost" in pose]
+    if any(lost):
+        text += f", lost {100 * statistics.fmean(lost):.2g} %"
     return f"{text} (n={len(finished)})"
 
 
@@ -241,7 +245,7 @@ def pose_table(runs: list[Run]) -> str:
     """Markdown table of the share of the distortion's pose spread each transformer leaves on the test set.
 
     Cells: angle / log-scale / shift left (``r``: angle only; ``p``, ``e``: and the non-similar
-    residual), mean over the finished seeds; the CNN's transformer is the identity (1 everywhere).
+    residual), and the share of test images lost where any was, mean over the finished seeds; the CNN's transformer is the identity (1 everywhere).
     """
     distortions = _distortions(runs)
     lines = _header(distortions)

@@ -25,7 +25,7 @@ from stn.data.distortions import (
     similarity_grid,
 )
 from stn.module import STNClassifier
-from stn.pose import MIN_SPREAD, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
+from stn.pose import MIN_READ, MIN_SPREAD, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 
 COUNT = 300
 
@@ -132,12 +132,13 @@ def test_a_transformer_handed_the_exact_inverse_leaves_no_spread(name):
 
 
 def test_pose_report_leaves_out_ratios_of_spreads_the_distortion_does_not_have():
-    after = {"angle": 10.0, "log_scale": 0.0, "shift": 0.5, "residual": 0.2}
-    identity = {"angle": 50.0, "log_scale": 0.0, "shift": 0.0, "residual": 0.0}
+    after = {"angle": 10.0, "log_scale": 0.0, "shift": 0.5, "residual": 0.2, "lost": 0.01}
+    identity = {"angle": 50.0, "log_scale": 0.0, "shift": 0.0, "residual": 0.0, "lost": 0.01}
     report = pose_report(after, identity)
     assert report["angle_left"] == pytest.approx(0.2)
     assert "shift_left" not in report and "log_scale_left" not in report and "residual_left" not in report
     assert report["shift"] == 0.5 and report["shift_identity"] == 0.0
+    assert report["lost"] == 0.01 and "lost_identity" not in report and "lost_left" not in report
 
 
 def test_the_module_reports_ratio_one_for_an_identity_transformer():
@@ -158,6 +159,29 @@ def test_the_module_reports_ratio_one_for_an_identity_transformer():
     # the angle after is the angle drawn: slope 1, nothing off the line
     assert logged["test/pose/angle_slope"] == pytest.approx(1.0, abs=1e-4)
     assert logged["test/pose/angle_scatter"] < 1e-2
+    assert logged["test/pose/lost"] == 0.0
+
+
+def test_outputs_that_read_none_of_the_image_are_lost_and_left_out_of_the_spreads():
+    """Half the outputs read the image through the identity grid, half look 100x zoomed out (no pixel
+    inside the image): lost = 0.5, and the spreads are those of the first half alone."""
+    params = dataset_params("p", 64, seed=4)
+    maps = {key: value.float() for key, value in digit_map("p", params).items()}
+    model = STNClassifier("affine", loc_net={"backbone": "resnet18", "weights": None, "input_size": 16}).eval()
+    images = torch.rand(64, 1, 28, 28)
+    identity = model.transformer.compose([], (28, 28), images)
+    away = torch.cat([identity[:32], 100 * identity[32:] + 300])
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    model._update_pose(images, away, maps, "test")
+    model._log_pose("test")
+    half = {key: value[:32] for key, value in maps.items()}
+    model._update_pose(images[:32], identity[:32], half, "val")
+    model._log_pose("val")
+    assert logged["test/pose/lost"] == 0.5 and logged["val/pose/lost"] == 0.0
+    for spread in ("angle", "log_scale", "shift", "residual"):
+        assert logged[f"test/pose/{spread}"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
+        assert logged[f"test/pose/{spread}_identity"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
 
 
 def test_angle_slope_is_the_least_squares_line_over_all_batches():
@@ -197,5 +221,25 @@ def test_the_fit_reads_only_inside_the_digit_frame():
     torch.testing.assert_close(fit["shift"], torch.tensor([[1.0, -2.0], [1.0, -2.0]], dtype=torch.float64))
     assert fit["residual"].max() < 1e-9
     assert fit_similarity(points, bent)["residual"].min() > 1  # unweighted, the bent border spoils it
-    far = frame_weights(digit + 1000)  # looks away from the digit: uniform weights
-    assert torch.equal(far, torch.ones_like(far))
+    assert frame_weights(digit + 1000).sum() == 0  # looks away from the digit: nothing to fit (lost)
+
+
+def test_the_fit_never_reads_the_digit_map_past_a_horizon():
+    """The failure this guards (one `p` test image of 10k, a digit squashed into a sliver, set the test
+    set's rms residual to 104 px against 2.3 px without it): outside the digit's frame a projective digit
+    map meets its horizon, where positions go to infinity. The fit reads the frame alone: it equals the
+    fit of the positions inside it."""
+    points = base_points((28, 28))
+    grid = 10 * points  # zoomed out 10x: a few of the 28x28 positions read the digit's frame
+    homography = torch.tensor([[[14.0, 0.0, 0.0], [0.0, 14.0, 0.0], [0.11, 0.0, 1.0]]], dtype=torch.float64)
+    digit = to_digit(grid, {"homography": homography})  # depth 1 + 0.11 x: a horizon at x = -9.1
+    weights = frame_weights(digit)
+    inside = weights.bool()
+    assert MIN_READ <= int(inside.sum()) < 0.05 * inside.numel()
+    assert bool((grid[inside].abs() < 1.2).all())  # the frame is the middle of the image (depth 0.87-1.13)
+    fit = fit_similarity(points, digit, weights)
+    alone = fit_similarity(points[inside][None], digit[inside][None])
+    for key in ("angle", "log_scale", "shift", "residual"):
+        torch.testing.assert_close(fit[key], alone[key])
+    assert fit["residual"].item() < 1.0  # the homography is near-similar inside the frame
+    assert fit_similarity(points, digit)["residual"].item() > 1e3  # unweighted: the horizon dominates

@@ -85,13 +85,13 @@ def test_script_prints_table_and_rejects_empty_folder(tmp_path):
 
 
 def test_chains_are_named_by_their_last_stage_and_the_pose_table_averages_seeds(tmp_path):
-    pose_1 = {"angle_left": 0.6, "log_scale_left": 0.7, "shift_left": 0.1}
+    pose_1 = {"angle_left": 0.6, "log_scale_left": 0.7, "shift_left": 0.1, "lost": 0.0}
     pose_2 = {"angle_left": 0.8, "log_scale_left": 0.5, "shift_left": 0.3}
     make_job(tmp_path / "0", ["similarity", "tps"], "rts", 1, 0.6, pose=pose_1)
     make_job(tmp_path / "1", ["similarity", "tps"], "rts", 2, 0.8, pose=pose_2)
     make_job(tmp_path / "2", "none", "rts", 1, 1.5, pose={"angle_left": 1.0, "log_scale_left": 1.0, "shift_left": 1.0})
     make_job(tmp_path / "3", ["similarity", "affine"], "e", 1, 1.0,
-             pose={"angle_left": 0.9, "log_scale_left": 0.8, "shift_left": 0.5, "residual_left": 0.95})
+             pose={"angle_left": 0.9, "log_scale_left": 0.8, "shift_left": 0.5, "residual_left": 0.95, "lost": 1e-4})
     make_job(tmp_path / "4", "tps", "r", 1, 0.9, pose={"angle_left": 0.4})
     runs = collect_runs(tmp_path)
     table = results_table(runs)
@@ -101,6 +101,6 @@ def test_chains_are_named_by_their_last_stage_and_the_pose_table_averages_seeds(
     poses = pose_table(runs)
     assert table_row(poses, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 / 0.60 / 0.20 (n=2)"
     assert table_row(poses, "CNN (ours)")[1] == "1.00 / 1.00 / 1.00 (n=1)"
-    assert table_row(poses, "ST-CNN Aff (ours, similarity+affine)")[3] == "0.90 / 0.80 / 0.50, residual 0.95 (n=1)"
+    assert table_row(poses, "ST-CNN Aff (ours, similarity+affine)")[3] == "0.90 / 0.80 / 0.50, residual 0.95, lost 0.01 % (n=1)"
     assert table_row(poses, "ST-CNN TPS (ours)")[0] == "0.40 (n=1)"
     assert table_row(poses, "ST-CNN TPS (ours)")[1] == "—"

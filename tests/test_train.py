@@ -81,6 +81,7 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
             for suffix in ("", "_identity", "_left")}
     pose |= {f"{split}/pose/residual{suffix}" for split in ("val", "test") for suffix in ("", "_identity")}
     pose |= {f"{split}/pose/angle_{name}" for split in ("val", "test") for name in ("slope", "scatter")}
+    pose |= {f"{split}/pose/lost" for split in ("val", "test")}
     assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose
     # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
     assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
