@@ -337,7 +337,7 @@ class STNClassifier(L.LightningModule):
 
     def _log_pose(self, split: str) -> None:
         after, identity = self.pose[f"{split}_after"], self.pose[f"{split}_identity"]
-        if int(after.count) == 0:
+        if int(after.count + after.lost) == 0:  # no batch carried digit maps
             return
         report = pose_report(after.compute(), identity.compute())
         if "angle_left" in report:  # a distortion that turns the digits: how the angle left follows the one drawn

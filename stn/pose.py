@@ -115,8 +115,8 @@ class PoseSpread(Metric):
 
     ``update(fit, keep)`` adds a batch, of which only the images where ``keep`` ``(N,)`` is true (all
     when ``None``) count; ``compute()`` returns ``{"angle": degrees, "log_scale", "shift": digit pixels,
-    "residual": digit pixels, "lost": the share of images left out}``. The states are sums, so DDP ranks
-    reduce exactly.
+    "residual": digit pixels, "lost": the share of images left out}``, the spreads NaN where every image
+    was. The states are sums, so DDP ranks reduce exactly.
     """
 
     full_state_update = False
@@ -143,7 +143,7 @@ class PoseSpread(Metric):
         self.residual_sq += residual.square().sum()
 
     def compute(self) -> dict[str, Tensor]:
-        count = self.count.clamp_min(1)
+        count = self.count  # 0 when every image was lost: the spreads are NaN
         length = torch.hypot(self.cos, self.sin) / count
         mean_log = self.log / count
         mean_shift = self.shift / count
@@ -193,7 +193,7 @@ class AngleSlope(Metric):
 
 def pose_report(after: dict[str, Tensor], identity: dict[str, Tensor]) -> dict[str, float]:
     """Scalars ``<spread>`` (after the transformer), ``<spread>_identity`` and ``<spread>_left`` (ratio),
-    and ``lost``: the share of images whose output reads too little of the image to have a pose.
+    and ``lost``: the share of images whose output shows too little of the digit to have a pose.
 
     A ratio is left out where the identity spread is below :data:`MIN_SPREAD` (e.g. shift on ``r``,
     whose digits all stay centred), since there is nothing to undo.

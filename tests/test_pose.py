@@ -182,6 +182,9 @@ def test_outputs_that_read_none_of_the_image_are_lost_and_left_out_of_the_spread
     for spread in ("angle", "log_scale", "shift", "residual"):
         assert logged[f"test/pose/{spread}"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
         assert logged[f"test/pose/{spread}_identity"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
+    model._update_pose(images, 100 * identity + 300, maps, "val")  # every output looks away
+    model._log_pose("val")
+    assert logged["val/pose/lost"] == 1.0 and math.isnan(logged["val/pose/angle"])
 
 
 def test_angle_slope_is_the_least_squares_line_over_all_batches():
