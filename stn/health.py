@@ -28,7 +28,9 @@ def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict
     """
     hidden: dict[int, Tensor] = {}
     handles = [
-        loc_net.head[1].register_forward_hook(lambda module, args, output, index=index: hidden.setdefault(index, output))
+        _hidden_relu(loc_net.head).register_forward_hook(
+            lambda module, args, output, index=index: hidden.setdefault(index, output)
+        )
         for index, loc_net in enumerate(transformer.loc_nets) if isinstance(loc_net.head, nn.Sequential)
     ]
     try:
@@ -44,3 +46,8 @@ def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict
             health["dead_units"] = float((hidden[index] <= 0).all(0).float().mean())
         report.append(health)
     return report
+
+
+def _hidden_relu(head: nn.Sequential) -> nn.ReLU:
+    """The ReLU of a head ``Linear -> [LayerNorm ->] ReLU -> Linear``."""
+    return next(module for module in head if isinstance(module, nn.ReLU))

@@ -193,6 +193,9 @@ class LocalizationNet(nn.Module):
         freeze_backbone: keep the backbone fixed (no gradients, batch-norm statistics frozen).
         bounded: squash outputs with ``tanh`` into ``(-1, 1)``.
         hidden: width of the head's hidden layer (0: a single linear layer).
+        head_norm: layer-normalise the hidden layer before its ReLU, so that about half of its units
+            fire on any image however far training moves their weights (a wide flattened feature
+            map under Adam otherwise switches most of them off for good).
         lr_mult: learning-rate multiplier of the whole network relative to the base rate.
         backbone_lr_mult: extra learning-rate multiplier of the backbone (on top of ``lr_mult``).
     """
@@ -207,6 +210,7 @@ class LocalizationNet(nn.Module):
         freeze_backbone: bool = False,
         bounded: bool = False,
         hidden: int = 64,
+        head_norm: bool = False,
         lr_mult: float = 1.0,
         backbone_lr_mult: float = 1.0,
     ):
@@ -240,7 +244,17 @@ class LocalizationNet(nn.Module):
         nn.init.zeros_(last.weight)
         with torch.no_grad():
             last.bias.copy_(torch.atanh(initial).flatten() if self.bounded else initial.flatten())
-        self.head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), last) if hidden else last
+        if hidden:
+            norm = [nn.LayerNorm(hidden)] if head_norm else []
+            self.head = nn.Sequential(nn.Linear(features, hidden), *norm, nn.ReLU(inplace=True), last)
+        else:
+            if head_norm:
+                raise SettingError(
+                    "model.loc_net.head_norm=true normalises the head's hidden layer, and "
+                    "model.loc_net.hidden=0 leaves it none. Set model.loc_net.hidden > 0 (e.g. 64) or "
+                    "model.loc_net.head_norm=false."
+                )
+            self.head = last
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()

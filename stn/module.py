@@ -387,7 +387,8 @@ class STNClassifier(L.LightningModule):
             if health.get("dead_units", 0.0) == 1.0:
                 log.warning(
                     "Every hidden unit of the loc-net head of stage %d is dead (zero on every validation image): "
-                    "it predicts one transform for all images and cannot learn any more. Lower "
+                    "it predicts one transform for all images and cannot learn any more. Set "
+                    "model.loc_net.head_norm=true (a LayerNorm keeps about half the units firing), lower "
                     "model.loc_net.lr_mult (now %s) or model.optimizer.lr, or set model.loc_net.hidden=0.",
                     index, self.transformer.loc_nets[index - 1].lr_mult,
                 )

@@ -588,6 +588,25 @@ def test_loc_net_health_finds_dead_units_and_constant_predictions():
     assert health["param_std"] > 0 and health["dead_units"] < 1.0
 
 
+def test_a_normalised_head_is_layer_norm_before_the_relu_and_keeps_its_units_alive():
+    stn = SpatialTransformer("similarity", loc_net={**CHEAP, "head_norm": True})
+    _perturb(stn)
+    loc_net, x = stn.loc_nets[0], images(8)
+    first, norm, _, last = loc_net.head
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        features = loc_net.features(x)
+        hidden = F.relu(F.layer_norm(features @ first.weight.T + first.bias, (64,), norm.weight, norm.bias))
+        torch.testing.assert_close(loc_net(x).flatten(1), hidden @ last.weight.T + last.bias)
+        dead = float((hidden <= 0).all(0).float().mean())
+        assert loc_net_health(stn, x)[0]["dead_units"] == dead
+        first.bias.sub_(100.0)  # a shift of every unit alike, which kills a plain head: the norm takes it out
+        assert loc_net_health(stn, x)[0]["dead_units"] == dead < 1.0
+    with pytest.raises(SettingError, match=r"model.loc_net.head_norm"):
+        SpatialTransformer("similarity", loc_net={**CHEAP, "hidden": 0, "head_norm": True})
+
+
 def test_a_checkpoint_from_before_stages_loads_into_stage_zero(tmp_path):
     model = STNClassifier("tps", loc_net=CHEAP)
     _perturb(model.transformer)

@@ -237,6 +237,7 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
         "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,1]",
+        "model.loc_net.head_norm=true",
     )
     summary = read_metrics(run)
     config, metrics = summary["config"], summary["metrics"]
@@ -248,6 +249,8 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     tracked = [value for key, value in state.items() if key.startswith("classifier.") and key.endswith("num_batches_tracked")]
     assert tracked and all(int(count) == 0 for count in tracked), "the frozen classifier's batch norm saw no batch"
+    norms = [key for key in state if key.startswith("transformer.stages.") and key.endswith("head.1.weight")]
+    assert len(norms) == 2 and all(state[key].shape == (64,) for key in norms)  # a LayerNorm in each stage's head
 
 
 def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):
