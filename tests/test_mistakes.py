@@ -154,6 +154,16 @@ def test_warp_names_an_input_that_is_no_image(tmp_path, cnn_checkpoint):
     assert f"{folder / 'seven.png'} cannot be read as an image" in stderr
 
 
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_pose_split_names_a_distortion_without_a_pose_and_too_few_draws(tmp_path, cnn_checkpoint):
+    stderr = fails(tmp_path, "pose_split.py", f"ckpt_path={cnn_checkpoint}", "distortion=none")
+    assert "distortion=none has no pose to split" in stderr and "Pass distortion= one of r, rts, p, e" in stderr
+    stderr = fails(tmp_path, "pose_split.py", f"ckpt_path={cnn_checkpoint}", "draws=1")
+    assert "draws=1, digits=2000" in stderr and "at least 2 of each" in stderr
+    assert no_run_folder_left(tmp_path)
+
+
 def test_wrong_image_shapes_or_channels_passed_to_the_model_are_named():
     model = STNClassifier(transform="none")
     for images in (torch.rand(1, 28, 28), torch.rand(2, 3, 28, 28), torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8)):

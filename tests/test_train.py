@@ -20,7 +20,9 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import save_image
 
+from stn.data.mnist_files import read_split
 from stn.module import STNClassifier
+from stn.pose_split import pose_split
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mnist]
@@ -168,6 +170,23 @@ def test_eval_on_another_distortion(tps_run, tmp_path):
     evaluated = read_metrics(run)
     assert evaluated["config"]["data"]["distortion"] == "e"
     assert 0 <= evaluated["metrics"]["test/error"] <= 100
+
+
+def test_pose_split_writes_what_the_split_of_the_checkpoints_transformer_is(tps_run, tmp_path, mnist_root):
+    checkpoint = tps_run / "checkpoints" / "last.ckpt"
+    run, output = run_script(
+        "pose_split.py", tmp_path, "pose_split", f"ckpt_path={checkpoint}", "digits=40", "draws=3", "seed=7",
+        "batch_size=16",
+    )
+    written = json.loads((run / "pose_split.json").read_text())
+    assert written["distortion"] == "rts" and written["seeds"] == [7, 8, 9]
+    model = STNClassifier.from_checkpoint(str(checkpoint)).eval()
+    upright = read_split(Path(mnist_root), train=False)[0][:40]
+    expected = pose_split(model.transformer, upright, "rts", [7, 8, 9], batch_size=16)
+    assert written["split"].keys() == expected.keys()
+    for name, value in expected.items():
+        assert written["split"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert "| angle |" in output and f"{int(expected['digits'])} digits x 3 draws" in output
 
 
 def test_resume_continues_from_the_saved_epoch(tps_run, tmp_path, tiny_run):

@@ -1,0 +1,127 @@
+"""The split of the pose left into what follows the draw and what is each digit's own, against closed forms.
+
+- :func:`split_spread` equals the sample variances computed by numpy, for angles across the +-180°
+  wrap too, and a shift's coordinates add.
+- The identity transformer leaves all of the drawn spread within digits, on a slope of 1.
+- A transformer handed each image's exact inverse, turned by an angle of each digit's own, leaves
+  nothing within digits and exactly that angle's spread between them.
+- :func:`ink_slant` of a drawn stroke is its shear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stn.data.distortions import dataset_params, digit_map
+from stn.pose import to_digit
+from stn.pose_split import ink_slant, pose_split, split_spread, within_slope
+from stn.transformer import SpatialTransformer
+
+
+def numpy_split(offsets: np.ndarray, noise: np.ndarray) -> tuple[float, float]:
+    """Within: root mean per-digit variance (ddof 1); between: population variance of the means less within²/K."""
+    draws = noise.shape[0]
+    within_var = noise.var(axis=0, ddof=1).mean()
+    means = offsets + noise.mean(axis=0)
+    return math.sqrt(within_var), math.sqrt(max(means.var() - within_var / draws, 0.0))
+
+
+def test_split_spread_is_the_within_and_between_digit_variance():
+    generator = np.random.default_rng(0)
+    offsets = generator.normal(0.0, 0.5, 200)
+    noise = generator.normal(0.0, 0.2, (4, 200))
+    split = split_spread(torch.from_numpy(offsets + noise))
+    within, between = numpy_split(offsets, noise)
+    assert float(split["within"]) == pytest.approx(within, rel=1e-12)
+    assert float(split["between"]) == pytest.approx(between, rel=1e-12)
+
+
+def test_split_spread_of_angles_reads_across_the_wrap():
+    # symmetric draws about symmetric offsets: the mean directions are the arithmetic means, exactly
+    offsets = np.linspace(-0.3, 0.3, 7)
+    noise = np.array([[-0.1], [0.0], [0.1]]) * np.linspace(0.5, 1.5, 7)
+    near_wrap = torch.from_numpy(np.angle(np.exp(1j * (math.pi - 0.05 + offsets + noise))))
+    split = split_spread(near_wrap, circular=True)
+    within, between = numpy_split(offsets, noise)
+    assert float(split["within"]) == pytest.approx(within, rel=1e-9)
+    assert float(split["between"]) == pytest.approx(between, rel=1e-9)
+
+
+def test_a_shift_splits_into_the_sum_of_its_coordinates():
+    generator = np.random.default_rng(1)
+    shifts = generator.normal(0.0, 1.0, (3, 50, 2)) + generator.normal(0.0, 2.0, (1, 50, 2))
+    both = split_spread(torch.from_numpy(shifts))
+    x, y = (split_spread(torch.from_numpy(shifts[..., k])) for k in range(2))
+    assert float(both["within"]) ** 2 == pytest.approx(float(x["within"]) ** 2 + float(y["within"]) ** 2, rel=1e-12)
+    assert float(both["between"]) ** 2 == pytest.approx(float(x["between"]) ** 2 + float(y["between"]) ** 2, rel=1e-12)
+
+
+def test_within_slope_is_the_share_of_the_draw_the_output_follows():
+    drawn = torch.tensor([-0.2, 0.0, 0.2], dtype=torch.float64)[:, None] * torch.linspace(0.5, 2.0, 9) + torch.linspace(-0.4, 0.4, 9)
+    offsets = torch.linspace(-0.5, 0.5, 9, dtype=torch.float64)
+    assert float(within_slope(0.3 * drawn + offsets, drawn)) == pytest.approx(0.3, rel=1e-12)
+    assert float(within_slope(drawn, drawn)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_ink_slant_is_the_shear_of_a_stroke():
+    images = torch.zeros(3, 1, 20, 20)
+    rows = torch.arange(2, 18)
+    images[0, 0, rows, 10] = 1.0  # upright
+    images[1, 0, rows, rows] = 1.0  # one pixel right per pixel down
+    images[2, 0, rows, 19 - rows] = 1.0  # one pixel left per pixel down: leaning right
+    torch.testing.assert_close(ink_slant(images), torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))
+
+
+def test_the_identity_leaves_the_whole_draw_within_digits():
+    upright = torch.randint(0, 256, (120, 1, 28, 28), dtype=torch.uint8)
+    report = pose_split(SpatialTransformer("none"), upright, "rts", seeds=[1, 2, 3], batch_size=50)
+    for name in ("angle", "log_scale", "shift"):
+        assert report[f"{name}_within_left"] == pytest.approx(1.0, abs=1e-5)
+    assert report["angle_within_slope"] == pytest.approx(1.0, abs=1e-5)
+    assert 24 < report["angle_drawn"] < 29  # U(-45°, 45°)
+    assert report["digits"] == 120 and report["draws"] == 3 and report["lost"] == 0
+
+
+class InverseTurnedPerDigit(SpatialTransformer):
+    """Reads each image at its distortion's exact inverse, turned by ``turns[n]``: the output of digit
+    ``n`` shows it at one pose of its own, whatever the draw. Hands out one grid per call, in order."""
+
+    def __init__(self, grids: list[torch.Tensor]):
+        super().__init__("none")
+        self.grids = list(grids)
+
+    def localize(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return []
+
+    def grid(self, params: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        return self.grids.pop(0)
+
+
+def test_a_pose_of_each_digits_own_is_all_between_and_none_within():
+    count, seeds, size = 60, [4, 5, 6], (42, 42)
+    turns = torch.linspace(-0.3, 0.3, count, dtype=torch.float64)  # symmetric: mean direction 0
+    cos, sin = turns.cos()[:, None], turns.sin()[:, None]
+    identity = torch.eye(2, 3, dtype=torch.float64)[None]
+    points = F.affine_grid(identity, [1, 1, *size], align_corners=False).reshape(1, -1, 2).expand(count, -1, -1)
+    turned = torch.stack([cos * points[..., 0] - sin * points[..., 1], sin * points[..., 0] + cos * points[..., 1]], -1)
+    grids = []
+    for seed in seeds:
+        homography = digit_map("rts", dataset_params("rts", count, seed))["homography"]
+        grid = to_digit(14 * turned, {"homography": torch.linalg.inv(homography)})
+        grids.append(grid.reshape(count, *size, 2).float())
+    upright = torch.randint(0, 256, (count, 1, 28, 28), dtype=torch.uint8)
+    report = pose_split(InverseTurnedPerDigit(grids), upright, "rts", seeds, batch_size=count)
+    assert report["angle_within"] < 1e-3 and report["log_scale_within"] < 1e-5 and report["shift_within"] < 1e-4
+    assert report["angle_between"] == pytest.approx(math.degrees(turns.square().mean().sqrt()), rel=1e-4)
+    assert report["log_scale_between"] < 1e-5 and report["shift_between"] < 1e-4
+    assert abs(report["angle_within_slope"]) < 1e-4
+
+
+def test_split_spread_needs_two_draws():
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        split_spread(torch.zeros(1, 5))
