@@ -143,6 +143,17 @@ def test_paper_table_sweep_composes_36_jobs():
         assert (job.data.clean_epochs, job.data.growth_epochs, job.model.classifier.pool) == (1, 4, "flat")
 
 
+def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
+    base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
+    changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True}
+    assert {key: wide.model.loc_net[key] for key in changed} == changed
+    base, wide = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, wide))
+    for key in changed:
+        del base["model"]["loc_net"][key], wide["model"]["loc_net"][key]
+    for group in ("data", "model", "trainer", "callbacks"):
+        assert wide[group] == base[group], group
+
+
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
     """The launcher config composes, instantiates, and submitit turns it into the sbatch header.
 
