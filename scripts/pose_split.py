@@ -58,6 +58,8 @@ def _table(report: dict[str, float]) -> str:
     if "angle_within_slope" in report:
         lines.append(f"angle slope within digits {report['angle_within_slope']:.2f}; "
                      f"correlation of each digit's angle with its ink slant {report['angle_slant_r']:.2f}")
+        lines.append(f"ink slant spread: upright digits {report['slant_upright']:.3f}, "
+                     f"the transformer's outputs {report['slant_after']:.3f}")
     return "\n".join(lines)
 
 

@@ -131,17 +131,20 @@ def draw_poses(
 
     Returns:
         ``{"after": {...}, "identity": {...}}``, each ``{"angle", "log_scale": (K, N), "shift":
-        (K, N, 2)}`` as :func:`~stn.pose.fit_similarity` returns them, and ``"kept"`` ``(N,)``: the
-        digits whose output shows the digit on every draw (the spreads read only those).
+        (K, N, 2)}`` as :func:`~stn.pose.fit_similarity` returns them, ``"slant"`` ``(K, N)``: the
+        :func:`ink_slant` of each output, and ``"kept"`` ``(N,)``: the digits whose output shows the
+        digit on every draw (the spreads read only those).
     """
     device = next(iter(transformer.buffers())).device
     fits: dict[str, dict[str, list[Tensor]]] = {"after": {}, "identity": {}}
     kept = torch.ones(upright.shape[0], dtype=torch.bool)
+    slants = []
     for seed in seeds:
         params = dataset_params(distortion, upright.shape[0], seed)
         images = distort_dataset(upright, distortion, seed, params)
         maps = {key: value.float() for key, value in digit_map(distortion, params).items()}
         draw: dict[str, dict[str, list[Tensor]]] = {"after": {}, "identity": {}}
+        slant = []
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device)
             batch_maps = {key: value[start : start + batch_size].to(device) for key, value in maps.items()}
@@ -149,6 +152,7 @@ def draw_poses(
                 "after": transformer.grid(transformer.localize(batch), batch),
                 "identity": transformer.compose([], transformer.out_size(batch), batch),
             }
+            slant.append(ink_slant(transformer.sample(batch, grids["after"])).cpu())
             output = grids["identity"][:1].reshape(1, -1, 2).float()
             for which, grid in grids.items():
                 digit = to_digit(grid.reshape(batch.shape[0], -1, 2).float(), batch_maps)
@@ -161,8 +165,9 @@ def draw_poses(
         for which in fits:
             for name, parts in draw[which].items():
                 fits[which].setdefault(name, []).append(torch.cat(parts))
+        slants.append(torch.cat(slant))
     poses = {which: {name: torch.stack(parts) for name, parts in fit.items()} for which, fit in fits.items()}
-    return {**poses, "kept": kept}
+    return {**poses, "slant": torch.stack(slants), "kept": kept}
 
 
 def pose_split(
@@ -184,8 +189,11 @@ def pose_split(
         follow the draw) and ``<spread>_between_left`` (``between`` over ``drawn``); ratios are left out
         where the draws put in less than :data:`~stn.pose.MIN_SPREAD`. Also ``angle_within_slope``
         (:func:`within_slope`), ``angle_slant_r`` (the correlation over digits of their mean angle
-        after the transformer with their :func:`ink_slant`), ``digits`` (read), ``draws`` and ``lost``
-        (the share of digits left out because an output of theirs showed none of the digit).
+        after the transformer with their :func:`ink_slant`), ``slant_upright`` and ``slant_after`` (the
+        standard deviation of the :func:`ink_slant` of the upright digits and of the transformer's
+        outputs: below the upright's, the transformer straightens handwriting), ``digits`` (read),
+        ``draws`` and ``lost`` (the share of digits left out because an output of theirs showed none of
+        the digit).
     """
     if len(seeds) < 2:
         raise ValueError(f"pose_split needs at least 2 draws (seeds) of each digit, got {len(seeds)}.")
@@ -210,4 +218,6 @@ def pose_split(
     means, _ = _per_digit(angles.double(), circular=True)
     slant = ink_slant(upright[kept])
     report["angle_slant_r"] = float(torch.corrcoef(torch.stack([means, slant]))[0, 1])
+    report["slant_upright"] = float(slant.std())
+    report["slant_after"] = float(poses["slant"][:, kept].std())
     return report
