@@ -18,12 +18,10 @@ from stn.cli import report_user_errors  # noqa: E402
 from stn.data.mnist_files import read_split, resolve_root  # noqa: E402
 from stn.errors import SettingError  # noqa: E402
 from stn.module import STNClassifier  # noqa: E402
-from stn.pose_split import pose_split  # noqa: E402
+from stn.pose_split import SPLIT_DISTORTIONS, pose_split  # noqa: E402
 from stn.run_folders import register_resolvers  # noqa: E402
 
 register_resolvers()
-
-SPLIT_DISTORTIONS = ("r", "rts", "p", "e")
 
 
 def _settings(cfg: DictConfig) -> tuple[str, int]:

@@ -32,9 +32,11 @@ from stn.data.distortions import dataset_params, digit_map, distort_dataset
 from stn.pose import MIN_READ, MIN_SPREAD, fit_similarity, frame_weights, to_digit
 from stn.transformer import SpatialTransformer
 
-__all__ = ["split_spread", "within_slope", "ink_slant", "draw_poses", "pose_split"]
+__all__ = ["split_spread", "within_slope", "ink_slant", "draw_poses", "pose_split", "SPLIT_DISTORTIONS"]
 
 SPLIT_SPREADS = ("angle", "log_scale", "shift")
+SPLIT_DISTORTIONS = ("r", "rts", "p", "e")
+"""The distortions whose draws have a pose to split (each has a digit map)."""
 
 
 def _wrap(angle: Tensor) -> Tensor:

@@ -12,7 +12,9 @@ The canonicalisation table (:func:`pose_table`) has the same rows and reports wh
 learned: the share of each distortion's spread of pose left after the transformer (``test/pose/*_left``
 of :mod:`stn.pose`: angle / log-scale / shift, and for ``p`` and ``e`` the non-similar residual; 1 = the
 identity, 0 = every test digit in one pose; and the share of test images lost, whose output shows none
-of the digit), mean over seeds.
+of the digit), mean over seeds; where the runs measured the pose split (``test/pose_split/*`` of
+:class:`stn.callbacks.PoseSplit`), also the part of it that follows the distortion within a digit, free of
+each digit's own pose.
 
 A model is named by its transform: a chain of stages (``model.transform=[similarity,tps]``) is named by
 its last stage, compared with the paper's row of that kind (a similarity is an affine map), and its
@@ -37,6 +39,7 @@ __all__ = ["PAPER_ERROR", "Run", "collect_runs", "results_table", "pose_table", 
 MODEL_NAMES = {"none": "CNN", "affine": "ST-CNN Aff", "tps": "ST-CNN TPS"}
 PAPER_KIND = {"none": "none", "affine": "affine", "similarity": "affine", "tps": "tps"}
 POSE_KEYS = ("angle_left", "log_scale_left", "shift_left", "residual_left", "lost")
+SPLIT_KEYS = ("angle_within_left", "log_scale_within_left", "shift_within_left")
 DISTORTIONS = ["r", "rts", "p", "e"]
 
 PAPER_ERROR = {
@@ -143,6 +146,8 @@ def _load_run(folder: Path) -> Run:
         return run
     metrics = json.loads(metrics_file.read_text()).get("metrics", {})
     run.pose = {key: float(metrics[f"test/pose/{key}"]) for key in POSE_KEYS if f"test/pose/{key}" in metrics}
+    run.pose.update({key: float(metrics[f"test/pose_split/{key}"]) for key in SPLIT_KEYS
+                     if f"test/pose_split/{key}" in metrics})
     error = metrics.get("test/error")
     if error is None or not math.isfinite(error):
         run.reason = f"metrics.json has no finite test/error ({error})"
@@ -230,6 +235,9 @@ def _pose_cell(runs: list[Run], distortion: str) -> str:
     text = " / ".join(_mean(finished, key) for key in keys)
     if distortion in ("p", "e"):
         text += f", residual {_mean(finished, 'residual_left')}"
+    within = [key.replace("_left", "_within_left") for key in keys]
+    if any(key in pose for pose in finished for key in within):
+        text += ", within a digit " + " / ".join(_mean(finished, key) for key in within)
     lost = [pose["lost"] for pose in finished if "lost" in pose]
     if any(lost):
         text += f", lost {100 * statistics.fmean(lost):.2g} %"
@@ -245,7 +253,8 @@ def pose_table(runs: list[Run]) -> str:
     """Markdown table of the share of the distortion's pose spread each transformer leaves on the test set.
 
     Cells: angle / log-scale / shift left (``r``: angle only; ``p``, ``e``: and the non-similar
-    residual), and the share of test images lost where any was, mean over the finished seeds; the CNN's transformer is the identity (1 everywhere).
+    residual), the same within a digit where the pose split was measured, and the share of test images
+    lost where any was, mean over the finished seeds; the CNN's transformer is the identity (1 everywhere).
     """
     distortions = _distortions(runs)
     lines = _header(distortions)

@@ -14,7 +14,8 @@ import pytest
 MNIST_ROOT = os.environ.get("STN_DATA_DIR", "")
 HAS_MNIST = bool(MNIST_ROOT) and (Path(MNIST_ROOT) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 
-# 3 training batches of 32, 2 validation and 2 test batches, a 16x16 loc-net view, one epoch.
+# 3 training batches of 32, 2 validation and 2 test batches, a 16x16 loc-net view, one epoch; the pose
+# split at test on 40 digits x 3 draws.
 TINY_RUN = [
     "data.batch_size=32",
     "data.val_size=256",
@@ -26,6 +27,8 @@ TINY_RUN = [
     "model.loc_net.input_size=16",
     "model.num_log_images=4",
     "callbacks.rich_progress_bar=null",
+    "callbacks.pose_split.digits=40",
+    "callbacks.pose_split.draws=3",
 ]
 
 

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stn.callbacks import PoseSplit
 from stn.data.distortions import dataset_params, digit_map
+from stn.errors import SettingError
 from stn.pose import to_digit
 from stn.pose_split import ink_slant, pose_split, split_spread, within_slope
 from stn.transformer import SpatialTransformer
@@ -132,3 +134,9 @@ def test_a_pose_of_each_digits_own_is_all_between_and_none_within():
 def test_split_spread_needs_two_draws():
     with pytest.raises(ValueError, match="at least 2 draws"):
         split_spread(torch.zeros(1, 5))
+
+
+@pytest.mark.parametrize("settings", [{"digits": 1}, {"draws": 1}])
+def test_the_pose_split_callback_names_its_setting_when_it_cannot_split(settings):
+    with pytest.raises(SettingError, match=r"callbacks\.pose_split.*at least 2 of each"):
+        PoseSplit(**settings)

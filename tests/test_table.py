@@ -14,7 +14,8 @@ from stn.results import collect_runs, pose_table, results_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_job(folder: Path, transform, distortion: str, seed: int, error: float | None, extra=(), pose=None) -> None:
+def make_job(folder: Path, transform, distortion: str, seed: int, error: float | None, extra=(), pose=None,
+             split=None) -> None:
     (folder / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "model": {"transform": transform}, "data": {"distortion": distortion}}
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
@@ -23,6 +24,7 @@ def make_job(folder: Path, transform, distortion: str, seed: int, error: float |
     if error is not None:
         metrics = {"test/error": error, "test/acc": 1 - error / 100}
         metrics.update({f"test/pose/{key}": value for key, value in (pose or {}).items()})
+        metrics.update({f"test/pose_split/{key}": value for key, value in (split or {}).items()})
         (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}))
 
 
@@ -88,19 +90,21 @@ def test_chains_are_named_by_their_last_stage_and_the_pose_table_averages_seeds(
     pose_1 = {"angle_left": 0.6, "log_scale_left": 0.7, "shift_left": 0.1, "lost": 0.0}
     pose_2 = {"angle_left": 0.8, "log_scale_left": 0.5, "shift_left": 0.3}
     make_job(tmp_path / "0", ["similarity", "tps"], "rts", 1, 0.6, pose=pose_1)
-    make_job(tmp_path / "1", ["similarity", "tps"], "rts", 2, 0.8, pose=pose_2)
+    split = {"angle_within_left": 0.5, "log_scale_within_left": 0.4, "shift_within_left": 0.1, "angle_between_left": 0.3}
+    make_job(tmp_path / "1", ["similarity", "tps"], "rts", 2, 0.8, pose=pose_2, split=split)
     make_job(tmp_path / "2", "none", "rts", 1, 1.5, pose={"angle_left": 1.0, "log_scale_left": 1.0, "shift_left": 1.0})
     make_job(tmp_path / "3", ["similarity", "affine"], "e", 1, 1.0,
              pose={"angle_left": 0.9, "log_scale_left": 0.8, "shift_left": 0.5, "residual_left": 0.95, "lost": 1e-4})
-    make_job(tmp_path / "4", "tps", "r", 1, 0.9, pose={"angle_left": 0.4})
+    make_job(tmp_path / "4", "tps", "r", 1, 0.9, pose={"angle_left": 0.4}, split={"angle_within_left": 0.2})
     runs = collect_runs(tmp_path)
     table = results_table(runs)
     assert table_row(table, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 ± 0.14 (n=2)"
     assert table_row(table, "ST-CNN Aff (ours, similarity+affine)")[3] == "1.00 (n=1)"
     assert table_row(table, "ST-CNN Aff (paper)") == ["0.7", "0.5", "0.8", "1.2"]
     poses = pose_table(runs)
-    assert table_row(poses, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 / 0.60 / 0.20 (n=2)"
+    # the split's within-digit share, averaged over the seeds that measured it
+    assert table_row(poses, "ST-CNN TPS (ours, similarity+tps)")[1] == "0.70 / 0.60 / 0.20, within a digit 0.50 / 0.40 / 0.10 (n=2)"
     assert table_row(poses, "CNN (ours)")[1] == "1.00 / 1.00 / 1.00 (n=1)"
     assert table_row(poses, "ST-CNN Aff (ours, similarity+affine)")[3] == "0.90 / 0.80 / 0.50, residual 0.95, lost 0.01 % (n=1)"
-    assert table_row(poses, "ST-CNN TPS (ours)")[0] == "0.40 (n=1)"
+    assert table_row(poses, "ST-CNN TPS (ours)")[0] == "0.40, within a digit 0.20 (n=1)"
     assert table_row(poses, "ST-CNN TPS (ours)")[1] == "—"

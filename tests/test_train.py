@@ -84,7 +84,11 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     pose |= {f"{split}/pose/residual{suffix}" for split in ("val", "test") for suffix in ("", "_identity")}
     pose |= {f"{split}/pose/angle_{name}" for split in ("val", "test") for name in ("slope", "scatter")}
     pose |= {f"{split}/pose/lost" for split in ("val", "test")}
-    assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose
+    split = {f"test/pose_split/{name}_{part}" for name in ("angle", "log_scale", "shift")
+             for part in ("drawn", "within", "between", "within_left", "between_left")}
+    split |= {f"test/pose_split/{name}" for name in ("digits", "draws", "lost", "angle_within_slope", "angle_slant_r",
+                                                     "slant_upright", "slant_after")}
+    assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose | split
     # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
     assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
     assert metrics["test/error"] == pytest.approx(100 * (1 - metrics["test/acc"]), abs=1e-4)
@@ -137,13 +141,29 @@ def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
     assert any(meta.plugin_data.plugin_name == "hparams" for meta in hparams.values())
 
 
+def test_the_pose_split_at_test_is_that_of_the_tested_checkpoint(tps_run, mnist_root):
+    """callbacks.pose_split: the split of the best checkpoint's transformer on 40 test digits x 3 draws
+    (tiny_run), computed again here, in metrics.json and in TensorBoard."""
+    summary = read_metrics(tps_run)
+    model = STNClassifier.from_checkpoint(summary["best_checkpoint"]).eval()
+    upright = read_split(Path(mnist_root), train=False)[0][:40]
+    expected = pose_split(model.transformer, upright, "rts", [1000, 1001, 1002], batch_size=500)
+    assert expected["draws"] == 3 and 0 < expected["angle_within_left"]
+    tensorboard = events(tps_run)
+    for name, value in expected.items():
+        assert summary["metrics"][f"test/pose_split/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        assert tensorboard.Scalars(f"test/pose_split/{name}")[-1].value == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
 def test_checkpoint_reloads_in_a_new_process_with_the_same_test_metric(tps_run, tmp_path):
     trained = read_metrics(tps_run)
     run, _ = run_script(
         "eval.py", tmp_path, "eval", f"ckpt_path={trained['best_checkpoint']}",
-        "data.batch_size=32", "trainer.limit_test_batches=2",
+        "data.batch_size=32", "trainer.limit_test_batches=2", "callbacks.pose_split.digits=40", "callbacks.pose_split.draws=3",
     )
     evaluated = read_metrics(run)
+    assert evaluated["metrics"]["test/pose_split/angle_within_left"] == pytest.approx(
+        trained["metrics"]["test/pose_split/angle_within_left"], rel=1e-5)  # the same split, printed by eval.py too
     assert evaluated["config"]["data"]["distortion"] == "rts"
     assert evaluated["config"]["data"]["eval_seed"] == 3  # the checkpoint's test images, not the default seed
     for key in ("test/acc", "test/error", "test/loss"):
@@ -155,7 +175,7 @@ def test_eval_applies_the_stages_more_times_than_in_training(tps_run, tmp_path):
     """passes=[2,1]: the same weights, the similarity stage applied twice; recorded in the config."""
     run, _ = run_script(
         "eval.py", tmp_path, "eval_passes", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}", "passes=[2,1]",
-        "data.batch_size=32", "trainer.limit_test_batches=1",
+        "data.batch_size=32", "trainer.limit_test_batches=1", "callbacks.pose_split=null",
     )
     evaluated = read_metrics(run)
     assert evaluated["config"]["model"]["passes"] == [2, 1] and evaluated["config"]["passes"] == [2, 1]
@@ -165,11 +185,13 @@ def test_eval_applies_the_stages_more_times_than_in_training(tps_run, tmp_path):
 def test_eval_on_another_distortion(tps_run, tmp_path):
     run, _ = run_script(
         "eval.py", tmp_path, "eval_e", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}",
-        "data.distortion=e", "data.batch_size=32", "trainer.limit_test_batches=1",
+        "data.distortion=e", "data.batch_size=32", "trainer.limit_test_batches=1", "callbacks.pose_split.digits=20",
+        "callbacks.pose_split.draws=2",
     )
     evaluated = read_metrics(run)
     assert evaluated["config"]["data"]["distortion"] == "e"
     assert 0 <= evaluated["metrics"]["test/error"] <= 100
+    assert evaluated["metrics"]["test/pose_split/draws"] == 2  # split on the distortion tested
 
 
 def test_pose_split_writes_what_the_split_of_the_checkpoints_transformer_is(tps_run, tmp_path, mnist_root):
@@ -248,6 +270,7 @@ def test_cnn_experiment_with_fast_dev_run(tmp_path):
     assert summary["config"]["data"]["distortion"] == "rts"
     assert 0 <= summary["metrics"]["test/error"] <= 100
     assert summary["best_checkpoint"] is None and not list(run.rglob("*.ckpt"))
+    assert not any(key.startswith("test/pose_split/") for key in summary["metrics"])  # no transformer, no split
 
 
 def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny_run):
