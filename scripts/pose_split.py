@@ -23,6 +23,8 @@ from stn.run_folders import register_resolvers  # noqa: E402
 
 register_resolvers()
 
+CLASS_COLUMNS = ("angle_within_left", "angle_within_slope", "log_scale_within_left")
+
 
 def _settings(cfg: DictConfig) -> tuple[str, int]:
     distortion = cfg.distortion or run_info(cfg.ckpt_path)["config"]["data"]["distortion"]
@@ -58,6 +60,14 @@ def _table(report: dict[str, float]) -> str:
                      f"correlation of each digit's angle with its ink slant {report['angle_slant_r']:.2f}")
         lines.append(f"ink slant spread: upright digits {report['slant_upright']:.3f}, "
                      f"the transformer's outputs {report['slant_after']:.3f}")
+    classes = sorted(int(key[5:].split("/")[0]) for key in report if key.endswith("/digits"))
+    if classes:
+        lines += ["", "| class | digits | angle within (left) | angle slope within | log-scale within (left) |",
+                  "|---|---|---|---|---|"]
+        for label in classes:
+            values = [report[f"class{label}/{name}"] for name in CLASS_COLUMNS]
+            lines.append(f"| {label} | {int(report[f'class{label}/digits'])} | "
+                         + " | ".join(f"{value:.2f}" for value in values) + " |")
     return "\n".join(lines)
 
 
@@ -66,9 +76,9 @@ def _table(report: dict[str, float]) -> str:
 def main(cfg: DictConfig) -> None:
     distortion, digits = _settings(cfg)
     model = STNClassifier.from_checkpoint(cfg.ckpt_path).eval().to(cfg.device)
-    upright = read_split(resolve_root(cfg.paths.data_dir), train=False)[0][:digits]
+    upright, labels = (part[:digits] for part in read_split(resolve_root(cfg.paths.data_dir), train=False))
     seeds = [int(cfg.seed) + k for k in range(int(cfg.draws))]
-    report = pose_split(model.transformer, upright, distortion, seeds, int(cfg.batch_size))
+    report = pose_split(model.transformer, upright, distortion, seeds, int(cfg.batch_size), labels)
     result = {"ckpt_path": str(cfg.ckpt_path), "distortion": distortion, "seeds": seeds, "split": report}
     path = Path(cfg.paths.output_dir) / "pose_split.json"
     path.write_text(json.dumps(result, indent=2))

@@ -178,6 +178,7 @@ def pose_split(
     distortion: str,
     seeds: Sequence[int],
     batch_size: int = 500,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """The spread of the pose left by ``transformer``, split into what follows the draw and what is the digit's.
 
@@ -195,7 +196,10 @@ def pose_split(
         standard deviation of the :func:`ink_slant` of the upright digits and of the transformer's
         outputs: below the upright's, the transformer straightens handwriting), ``digits`` (read),
         ``draws`` and ``lost`` (the share of digits left out because an output of theirs showed none of
-        the digit).
+        the digit). With ``labels`` ``(N,)``, also per class ``c`` present: ``class<c>/digits``,
+        ``class<c>/angle_within_left``, ``class<c>/angle_within_slope`` and ``class<c>/log_scale_within_left``
+        (which digits the transformer leaves turned: one whose class does not change under a turn gives
+        the class loss no reason to turn it).
     """
     if len(seeds) < 2:
         raise ValueError(f"pose_split needs at least 2 draws (seeds) of each digit, got {len(seeds)}.")
@@ -222,4 +226,22 @@ def pose_split(
     report["angle_slant_r"] = float(torch.corrcoef(torch.stack([means, slant]))[0, 1])
     report["slant_upright"] = float(slant.std())
     report["slant_after"] = float(poses["slant"][:, kept].std())
+    if labels is not None:
+        report.update(_per_class(poses, kept, labels))
+    return report
+
+
+def _per_class(poses: dict[str, Tensor], kept: Tensor, labels: Tensor) -> dict[str, float]:
+    """``class<c>/...`` of :func:`pose_split`: the within-digit shares over each class's digits alone."""
+    report: dict[str, float] = {}
+    drawn = {name: float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
+             for name in ("angle", "log_scale")}
+    for label in labels[kept].unique().tolist():
+        digits = kept & (labels == label)
+        report[f"class{label}/digits"] = float(digits.sum())
+        for name in ("angle", "log_scale"):
+            within = float(split_spread(poses["after"][name][:, digits], circular=name == "angle")["within"])
+            report[f"class{label}/{name}_within_left"] = within / drawn[name]
+        after, identity = poses["after"]["angle"][:, digits], poses["identity"]["angle"][:, digits]
+        report[f"class{label}/angle_within_slope"] = float(within_slope(after, identity))
     return report

@@ -89,6 +89,31 @@ def test_the_identity_leaves_the_whole_draw_within_digits():
     assert report["digits"] == 120 and report["draws"] == 3 and report["lost"] == 0
 
 
+def test_the_split_per_class_is_the_split_of_that_class_alone():
+    """labels: each class's within-digit shares read its digits alone, against the drawn spread of all; for
+    the identity they are the spread of the drawn angles and scales of that class (numpy, ddof 1)."""
+    upright = torch.randint(0, 256, (90, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(90) % 3
+    seeds = [4, 5, 6]
+    report = pose_split(SpatialTransformer("none"), upright, "rts", seeds, batch_size=50, labels=labels)
+    drawn = [dataset_params("rts", 90, seed) for seed in seeds]
+    angles = np.stack([params["angle"].numpy() for params in drawn])  # (draws, digits)
+    log_scales = np.stack([np.log(params["scale"].numpy()) for params in drawn])
+
+    def within(values, digits):
+        return np.sqrt(values[:, digits].var(0, ddof=1).mean())
+
+    every = np.ones(90, dtype=bool)
+    for label in (0, 1, 2):
+        digits = (labels == label).numpy()
+        assert report[f"class{label}/digits"] == 30
+        assert report[f"class{label}/angle_within_slope"] == pytest.approx(1.0, abs=1e-5)
+        assert report[f"class{label}/angle_within_left"] == pytest.approx(
+            within(angles, digits) / within(angles, every), rel=1e-3)  # poses fitted in float32
+        assert report[f"class{label}/log_scale_within_left"] == pytest.approx(
+            within(log_scales, digits) / within(log_scales, every), rel=1e-3)
+
+
 class InverseTurnedPerDigit(SpatialTransformer):
     """Reads each image at its distortion's exact inverse, turned by ``turns[n]``: the output of digit
     ``n`` shows it at one pose of its own, whatever the draw. Hands out one grid per call, in order."""

@@ -203,12 +203,14 @@ def test_pose_split_writes_what_the_split_of_the_checkpoints_transformer_is(tps_
     written = json.loads((run / "pose_split.json").read_text())
     assert written["distortion"] == "rts" and written["seeds"] == [7, 8, 9]
     model = STNClassifier.from_checkpoint(str(checkpoint)).eval()
-    upright = read_split(Path(mnist_root), train=False)[0][:40]
-    expected = pose_split(model.transformer, upright, "rts", [7, 8, 9], batch_size=16)
+    upright, labels = (part[:40] for part in read_split(Path(mnist_root), train=False))
+    expected = pose_split(model.transformer, upright, "rts", [7, 8, 9], batch_size=16, labels=labels)
     assert written["split"].keys() == expected.keys()
     for name, value in expected.items():
         assert written["split"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     assert "| angle |" in output and f"{int(expected['digits'])} digits x 3 draws" in output
+    label = int(labels[0])  # a class row per class of the 40 digits
+    assert f"| {label} | {int(expected[f'class{label}/digits'])} | {expected[f'class{label}/angle_within_left']:.2f} |" in output
 
 
 def test_resume_continues_from_the_saved_epoch(tps_run, tmp_path, tiny_run):
