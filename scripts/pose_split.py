@@ -65,9 +65,9 @@ def _table(report: dict[str, float]) -> str:
         lines += ["", "| class | digits | angle within (left) | angle slope within | log-scale within (left) |",
                   "|---|---|---|---|---|"]
         for label in classes:
-            values = [report[f"class{label}/{name}"] for name in CLASS_COLUMNS]
+            values = [report.get(f"class{label}/{name}") for name in CLASS_COLUMNS]
             lines.append(f"| {label} | {int(report[f'class{label}/digits'])} | "
-                         + " | ".join(f"{value:.2f}" for value in values) + " |")
+                         + " | ".join("—" if value is None else f"{value:.2f}" for value in values) + " |")
     return "\n".join(lines)
 
 

@@ -199,7 +199,8 @@ def pose_split(
         the digit). With ``labels`` ``(N,)``, also per class ``c`` present: ``class<c>/digits``,
         ``class<c>/angle_within_left``, ``class<c>/angle_within_slope`` and ``class<c>/log_scale_within_left``
         (which digits the transformer leaves turned: one whose class does not change under a turn gives
-        the class loss no reason to turn it).
+        the class loss no reason to turn it); a ratio is left out where the draws put in too little of
+        that kind of spread, as above (the log-scale of ``r``).
     """
     if len(seeds) < 2:
         raise ValueError(f"pose_split needs at least 2 draws (seeds) of each digit, got {len(seeds)}.")
@@ -236,10 +237,12 @@ def _per_class(poses: dict[str, Tensor], kept: Tensor, labels: Tensor) -> dict[s
     report: dict[str, float] = {}
     drawn = {name: float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
              for name in ("angle", "log_scale")}
+    scale = {"angle": math.degrees(1.0), "log_scale": 1.0}
+    shown = [name for name in drawn if drawn[name] * scale[name] >= MIN_SPREAD[name]]  # as pose_split's ratios
     for label in labels[kept].unique().tolist():
         digits = kept & (labels == label)
         report[f"class{label}/digits"] = float(digits.sum())
-        for name in ("angle", "log_scale"):
+        for name in shown:
             within = float(split_spread(poses["after"][name][:, digits], circular=name == "angle")["within"])
             report[f"class{label}/{name}_within_left"] = within / drawn[name]
         after, identity = poses["after"]["angle"][:, digits], poses["identity"]["angle"][:, digits]

@@ -91,7 +91,8 @@ def test_the_identity_leaves_the_whole_draw_within_digits():
 
 def test_the_split_per_class_is_the_split_of_that_class_alone():
     """labels: each class's within-digit shares read its digits alone, against the drawn spread of all; for
-    the identity they are the spread of the drawn angles and scales of that class (numpy, ddof 1)."""
+    the identity they are the spread of the drawn angles (about each digit's mean direction) and scales of
+    that class (numpy, ddof 1)."""
     upright = torch.randint(0, 256, (90, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(90) % 3
     seeds = [4, 5, 6]
@@ -100,8 +101,13 @@ def test_the_split_per_class_is_the_split_of_that_class_alone():
     angles = np.stack([params["angle"].numpy() for params in drawn])  # (draws, digits)
     log_scales = np.stack([np.log(params["scale"].numpy()) for params in drawn])
 
-    def within(values, digits):
-        return np.sqrt(values[:, digits].var(0, ddof=1).mean())
+    def within(values, digits, circular=False):
+        values = values[:, digits]
+        if not circular:
+            return np.sqrt(values.var(0, ddof=1).mean())
+        direction = np.angle(np.exp(1j * values).mean(0))  # each digit's mean direction
+        deviations = np.angle(np.exp(1j * (values - direction)))
+        return np.sqrt((deviations ** 2).sum(0).mean() / (values.shape[0] - 1))
 
     every = np.ones(90, dtype=bool)
     for label in (0, 1, 2):
@@ -109,9 +115,15 @@ def test_the_split_per_class_is_the_split_of_that_class_alone():
         assert report[f"class{label}/digits"] == 30
         assert report[f"class{label}/angle_within_slope"] == pytest.approx(1.0, abs=1e-5)
         assert report[f"class{label}/angle_within_left"] == pytest.approx(
-            within(angles, digits) / within(angles, every), rel=1e-3)  # poses fitted in float32
+            within(angles, digits, True) / within(angles, every, True), rel=1e-3)  # poses fitted in float32
         assert report[f"class{label}/log_scale_within_left"] == pytest.approx(
             within(log_scales, digits) / within(log_scales, every), rel=1e-3)
+    # r draws no scale: no log-scale ratio per class either (as for the whole set)
+    report = pose_split(SpatialTransformer("none"), upright, "r", seeds, batch_size=50, labels=labels)
+    assert "log_scale_within_left" not in report and "class0/log_scale_within_left" not in report
+    r_angles = np.stack([dataset_params("r", 90, seed)["angle"].numpy() for seed in seeds])
+    assert report["class0/angle_within_left"] == pytest.approx(
+        within(r_angles, (labels == 0).numpy(), True) / within(r_angles, every, True), rel=1e-3)
 
 
 class InverseTurnedPerDigit(SpatialTransformer):
