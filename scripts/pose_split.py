@@ -60,6 +60,8 @@ def _table(report: dict[str, float]) -> str:
                      f"correlation of each digit's angle with its ink slant {report['angle_slant_r']:.2f}")
         lines.append(f"ink slant spread: upright digits {report['slant_upright']:.3f}, "
                      f"the transformer's outputs {report['slant_after']:.3f}")
+        lines.append(f"angle from upright, median: drawn {report['angle_abs_median_drawn']:.1f}°, after "
+                     f"{report['angle_abs_median']:.1f}°; outputs turned over 30°: {100 * report['angle_over_30']:.1f} %")
     classes = sorted(int(key[5:].split("/")[0]) for key in report if key.endswith("/digits"))
     if classes:
         lines += ["", "| class | digits | angle within (left) | angle slope within | log-scale within (left) |",

@@ -37,6 +37,8 @@ __all__ = ["split_spread", "within_slope", "ink_slant", "draw_poses", "pose_spli
 SPLIT_SPREADS = ("angle", "log_scale", "shift")
 SPLIT_DISTORTIONS = ("r", "rts", "p", "e")
 """The distortions whose draws have a pose to split (each has a digit map)."""
+TURNED_AWAY = 30.0
+"""Degrees from upright beyond which :func:`pose_split` counts an output as turned away (``angle_over_30``)."""
 
 
 def _wrap(angle: Tensor) -> Tensor:
@@ -196,7 +198,10 @@ def pose_split(
         standard deviation of the :func:`ink_slant` of the upright digits and of the transformer's
         outputs: below the upright's, the transformer straightens handwriting), ``digits`` (read),
         ``draws`` and ``lost`` (the share of digits left out because an output of theirs showed none of
-        the digit). With ``labels`` ``(N,)``, also per class ``c`` present: ``class<c>/digits``,
+        the digit). Robust to a few digits left far off, where a spread is not: ``angle_abs_median``
+        (the median over digits and draws of the angle of the output from the upright digit, degrees),
+        ``angle_abs_median_drawn`` (the same of the draws) and ``angle_over_30`` (the share of outputs
+        turned more than :data:`TURNED_AWAY` degrees from upright). With ``labels`` ``(N,)``, also per class ``c`` present: ``class<c>/digits``,
         ``class<c>/angle_within_left``, ``class<c>/angle_within_slope`` and ``class<c>/log_scale_within_left``
         (which digits the transformer leaves turned: one whose class does not change under a turn gives
         the class loss no reason to turn it); a ratio is left out where the draws put in too little of
@@ -227,6 +232,10 @@ def pose_split(
     report["angle_slant_r"] = float(torch.corrcoef(torch.stack([means, slant]))[0, 1])
     report["slant_upright"] = float(slant.std())
     report["slant_after"] = float(poses["slant"][:, kept].std())
+    turns = {which: poses[which]["angle"][:, kept].abs() * scale["angle"] for which in ("after", "identity")}
+    report["angle_abs_median"] = float(turns["after"].median())
+    report["angle_abs_median_drawn"] = float(turns["identity"].median())
+    report["angle_over_30"] = float((turns["after"] > TURNED_AWAY).double().mean())
     if labels is not None:
         report.update(_per_class(poses, kept, labels))
     return report

@@ -87,6 +87,10 @@ def test_the_identity_leaves_the_whole_draw_within_digits():
     assert report["angle_within_slope"] == pytest.approx(1.0, abs=1e-5)
     assert 24 < report["angle_drawn"] < 29  # U(-45°, 45°)
     assert report["digits"] == 120 and report["draws"] == 3 and report["lost"] == 0
+    drawn = np.degrees(np.abs(np.stack([dataset_params("rts", 120, seed)["angle"].numpy() for seed in (1, 2, 3)])))
+    assert report["angle_abs_median"] == pytest.approx(report["angle_abs_median_drawn"], abs=1e-3)
+    assert report["angle_abs_median_drawn"] == pytest.approx(np.median(drawn), abs=0.2)  # torch: the lower middle
+    assert report["angle_over_30"] == pytest.approx((drawn > 30).mean(), abs=1e-9)
 
 
 def test_the_split_per_class_is_the_split_of_that_class_alone():
@@ -161,6 +165,8 @@ def test_a_pose_of_each_digits_own_is_all_between_and_none_within():
     assert report["angle_between"] == pytest.approx(math.degrees(turns.square().mean().sqrt()), rel=1e-4)
     assert report["log_scale_between"] < 1e-5 and report["shift_between"] < 1e-4
     assert abs(report["angle_within_slope"]) < 1e-4
+    assert report["angle_over_30"] == 0  # every turn under 30°
+    assert report["angle_abs_median"] == pytest.approx(math.degrees(float(turns.abs().median())), abs=0.05)
     # one stroke of slant 1 (45°) for every digit, shown turned by its own angle: slant cot(45° +- turn);
     # the stroke's width (a pixel, smeared by the bilinear read) pulls a moment's slant towards 0 by ~3 %
     expected = float((1 / torch.tan(math.pi / 4 + turns)).std())

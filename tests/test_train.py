@@ -87,7 +87,8 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     split = {f"test/pose_split/{name}_{part}" for name in ("angle", "log_scale", "shift")
              for part in ("drawn", "within", "between", "within_left", "between_left")}
     split |= {f"test/pose_split/{name}" for name in ("digits", "draws", "lost", "angle_within_slope", "angle_slant_r",
-                                                     "slant_upright", "slant_after")}
+                                                     "slant_upright", "slant_after", "angle_abs_median",
+                                                     "angle_abs_median_drawn", "angle_over_30")}
     assert set(metrics) == {"val/acc", "val/acc_best", "val/loss", "test/acc", "test/error", "test/loss"} | pose | split
     # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
     assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
