@@ -35,6 +35,9 @@ from stn.transformer import SpatialTransformer
 __all__ = ["split_spread", "within_slope", "ink_slant", "draw_poses", "pose_split", "SPLIT_DISTORTIONS"]
 
 SPLIT_SPREADS = ("angle", "log_scale", "shift")
+UNITS = {"angle": math.degrees(1.0), "log_scale": 1.0, "shift": 1.0}
+"""What each spread of the report is multiplied by: angles in degrees, log-scales as they are, shifts in
+digit pixels."""
 SPLIT_DISTORTIONS = ("r", "rts", "p", "e")
 """The distortions whose draws have a pose to split (each has a digit map)."""
 TURNED_AWAY = 30.0
@@ -201,11 +204,11 @@ def pose_split(
         the digit). Robust to a few digits left far off, where a spread is not: ``angle_abs_median``
         (the median over digits and draws of the angle of the output from the upright digit, degrees),
         ``angle_abs_median_drawn`` (the same of the draws) and ``angle_over_30`` (the share of outputs
-        turned more than :data:`TURNED_AWAY` degrees from upright). With ``labels`` ``(N,)``, also per class ``c`` present: ``class<c>/digits``,
-        ``class<c>/angle_within_left``, ``class<c>/angle_within_slope`` and ``class<c>/log_scale_within_left``
-        (which digits the transformer leaves turned: one whose class does not change under a turn gives
-        the class loss no reason to turn it); a ratio is left out where the draws put in too little of
-        that kind of spread, as above (the log-scale of ``r``).
+        turned more than :data:`TURNED_AWAY` degrees from upright). With ``labels`` ``(N,)``, also per
+        class ``c`` present: ``class<c>/digits``, ``class<c>/angle_within_left``,
+        ``class<c>/angle_within_slope`` and ``class<c>/log_scale_within_left`` (which digits the
+        transformer leaves turned); a ratio is left out where the draws put in too little of that kind
+        of spread, as above (the log-scale of ``r``).
     """
     if len(seeds) < 2:
         raise ValueError(f"pose_split needs at least 2 draws (seeds) of each digit, got {len(seeds)}.")
@@ -216,14 +219,13 @@ def pose_split(
     }
     if not kept.any():
         return report
-    scale = {"angle": math.degrees(1.0), "log_scale": 1.0, "shift": 1.0}
     for name in SPLIT_SPREADS:
         after = split_spread(poses["after"][name][:, kept], circular=name == "angle")
         drawn = float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
-        report[f"{name}_drawn"] = drawn * scale[name]
+        report[f"{name}_drawn"] = drawn * UNITS[name]
         for part in ("within", "between"):
-            report[f"{name}_{part}"] = float(after[part]) * scale[name]
-            if drawn * scale[name] >= MIN_SPREAD[name]:
+            report[f"{name}_{part}"] = float(after[part]) * UNITS[name]
+            if drawn * UNITS[name] >= MIN_SPREAD[name]:
                 report[f"{name}_{part}_left"] = float(after[part]) / drawn
     angles = poses["after"]["angle"][:, kept]
     report["angle_within_slope"] = float(within_slope(angles, poses["identity"]["angle"][:, kept]))
@@ -232,7 +234,7 @@ def pose_split(
     report["angle_slant_r"] = float(torch.corrcoef(torch.stack([means, slant]))[0, 1])
     report["slant_upright"] = float(slant.std())
     report["slant_after"] = float(poses["slant"][:, kept].std())
-    turns = {which: poses[which]["angle"][:, kept].abs() * scale["angle"] for which in ("after", "identity")}
+    turns = {which: poses[which]["angle"][:, kept].abs() * UNITS["angle"] for which in ("after", "identity")}
     report["angle_abs_median"] = float(turns["after"].median())
     report["angle_abs_median_drawn"] = float(turns["identity"].median())
     report["angle_over_30"] = float((turns["after"] > TURNED_AWAY).double().mean())
@@ -246,8 +248,7 @@ def _per_class(poses: dict[str, Tensor], kept: Tensor, labels: Tensor) -> dict[s
     report: dict[str, float] = {}
     drawn = {name: float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
              for name in ("angle", "log_scale")}
-    scale = {"angle": math.degrees(1.0), "log_scale": 1.0}
-    shown = [name for name in drawn if drawn[name] * scale[name] >= MIN_SPREAD[name]]  # as pose_split's ratios
+    shown = [name for name in drawn if drawn[name] * UNITS[name] >= MIN_SPREAD[name]]  # as pose_split's ratios
     for label in labels[kept].unique().tolist():
         digits = kept & (labels == label)
         report[f"class{label}/digits"] = float(digits.sum())
