@@ -219,14 +219,15 @@ def pose_split(
     }
     if not kept.any():
         return report
+    drawn: dict[str, float] = {}  # the spread each kind of pose was drawn with, in its raw units
     for name in SPLIT_SPREADS:
         after = split_spread(poses["after"][name][:, kept], circular=name == "angle")
-        drawn = float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
-        report[f"{name}_drawn"] = drawn * UNITS[name]
+        drawn[name] = float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
+        report[f"{name}_drawn"] = drawn[name] * UNITS[name]
         for part in ("within", "between"):
             report[f"{name}_{part}"] = float(after[part]) * UNITS[name]
-            if drawn * UNITS[name] >= MIN_SPREAD[name]:
-                report[f"{name}_{part}_left"] = float(after[part]) / drawn
+            if drawn[name] * UNITS[name] >= MIN_SPREAD[name]:
+                report[f"{name}_{part}_left"] = float(after[part]) / drawn[name]
     angles = poses["after"]["angle"][:, kept]
     report["angle_within_slope"] = float(within_slope(angles, poses["identity"]["angle"][:, kept]))
     means, _ = _per_digit(angles.double(), circular=True)
@@ -239,16 +240,15 @@ def pose_split(
     report["angle_abs_median_drawn"] = float(turns["identity"].median())
     report["angle_over_30"] = float((turns["after"] > TURNED_AWAY).double().mean())
     if labels is not None:
-        report.update(_per_class(poses, kept, labels))
+        report.update(_per_class(poses, kept, labels, drawn))
     return report
 
 
-def _per_class(poses: dict[str, Tensor], kept: Tensor, labels: Tensor) -> dict[str, float]:
-    """``class<c>/...`` of :func:`pose_split`: the within-digit shares over each class's digits alone."""
+def _per_class(poses: dict[str, Tensor], kept: Tensor, labels: Tensor, drawn: dict[str, float]) -> dict[str, float]:
+    """``class<c>/...`` of :func:`pose_split`: the within-digit shares over each class's digits alone, against
+    the spread ``drawn`` over all digits."""
     report: dict[str, float] = {}
-    drawn = {name: float(split_spread(poses["identity"][name][:, kept], circular=name == "angle")["within"])
-             for name in ("angle", "log_scale")}
-    shown = [name for name in drawn if drawn[name] * UNITS[name] >= MIN_SPREAD[name]]  # as pose_split's ratios
+    shown = [name for name in ("angle", "log_scale") if drawn[name] * UNITS[name] >= MIN_SPREAD[name]]
     for label in labels[kept].unique().tolist():
         digits = kept & (labels == label)
         report[f"class{label}/digits"] = float(digits.sum())
