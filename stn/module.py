@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
@@ -17,7 +18,8 @@ from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
 from stn.equivariance import equivariance_error
-from stn.errors import CorruptInputError, DivergedError, SettingError
+from stn.divergence import LossWatch, diverged_error
+from stn.errors import CorruptInputError, SettingError
 from stn.health import loc_net_health
 from stn.pose import DIGIT_HALF_SIZE, MIN_READ, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
@@ -149,6 +151,7 @@ class STNClassifier(L.LightningModule):
         self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
         self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_pose)
         self._compiled = False
+        self._losses = LossWatch()
         if self.oracle_pose and not self.transformer.loc_nets:
             raise SettingError(
                 "model.oracle_pose=true trains the transformer from the true pose, but model.transform=none has "
@@ -234,7 +237,7 @@ class STNClassifier(L.LightningModule):
             bending = bending.mean()
             self.log("train/bending", bending, on_step=True, on_epoch=False)
             loss = loss + self.bending_weight * bending
-        self._check_finite(loss)
+        self._losses.record(loss, self.current_epoch, self.global_step)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -280,35 +283,22 @@ class STNClassifier(L.LightningModule):
             self.classifier.requires_grad_(True)
             self.classifier.train()
 
-    def _check_finite(self, loss: Tensor) -> None:
-        if torch.isfinite(loss):
-            return
-        lr = self.optimizer_config.get("lr")
-        loc_nets = self.transformer.loc_nets
-        if loc_nets:
-            cause = (
-                "The usual cause is a localization network that moves too fast: its predicted transform runs "
-                "off the image, the sampling grid folds and the classifier diverges (the loc/stage<k>/param_std "
-                f"curves in TensorBoard rise steeply before it). Lower model.loc_net.lr_mult (now "
-                f"{loc_nets[0].lr_mult}) or model.optimizer.lr (now {lr}), keep a hidden layer in the loc-net "
-                "head (model.loc_net.hidden > 0), set trainer.gradient_clip_val (e.g. 1.0), set "
-                "model.loc_net.bounded=true (with model.tps.margin > 0), or add model.bending_weight > 0."
-            )
-        else:
-            cause = (f"The learning rate is too high for this model: lower model.optimizer.lr (now {lr}) or set "
-                     "trainer.gradient_clip_val (e.g. 1.0).")
-        raise DivergedError(
-            f"The training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
-            f"{cause} {self._last_good_checkpoint()}"
-        )
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.is_last_batch or (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_diverged()  # the logger fetches this step's values now: the device is in sync anyway
 
-    def _last_good_checkpoint(self) -> str:
-        """Where a diverged run can be resumed from: nothing after that checkpoint was saved."""
+    def _raise_if_diverged(self) -> None:
+        """Raise :class:`DivergedError` if a training loss so far was NaN or infinite (syncs the device)."""
+        first = self._losses.first()
+        if first is None:
+            return
+        loc_nets = self.transformer.loc_nets
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        path = callback.last_model_path if callback else ""
-        if not path:
-            return "No checkpoint was saved before it."
-        return f"The last good checkpoint is {path} (nothing after it was saved); resume with ckpt_path={path}."
+        last = callback.last_model_path if callback else ""  # named before it is written: keep it only once it is
+        raise diverged_error(
+            *first, lr=self.optimizer_config.get("lr"), lr_mult=loc_nets[0].lr_mult if loc_nets else None,
+            checkpoint=last if last and os.path.isfile(last) else "",
+        )
 
     def _eval_step(self, batch: tuple, split: str, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
         images, labels, *extras = batch
@@ -460,6 +450,7 @@ class STNClassifier(L.LightningModule):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, **config)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._raise_if_diverged()  # never save the weights of a diverged run
         checkpoint["pretrained"] = self.pretrained
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import urllib.error
 from types import SimpleNamespace
 
 import pytest
+import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -21,6 +22,7 @@ from torchvision.models import ResNet18_Weights
 
 import stn.data.distortions as D
 from stn.classifier import CNNClassifier
+from stn.divergence import LossWatch
 from stn.equivariance import equivariance_error, random_similarity
 from stn.errors import SettingError
 from stn.health import loc_net_health
@@ -290,16 +292,50 @@ def test_bad_optimizer_and_scheduler_names_are_refused():
         STNClassifier("none", optimizer={"name": "adamw", "lr": -1})
 
 
+def _fit(model: STNClassifier, batches: list[torch.Tensor], tmp_path, **trainer) -> L.Trainer:
+    """Fit ``model`` for one epoch over ``batches`` (2 images each, labels 0 and 1) on the CPU."""
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.cat(batches), torch.tensor([0, 1] * len(batches))), batch_size=2
+    )
+    fit = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, **trainer)
+    fit.fit(model, train_dataloaders=data)
+    return fit
+
+
 @pytest.mark.parametrize(("transform", "settings"), [
     ("affine", r"model\.loc_net\.lr_mult \(now 1\.0\).*model\.optimizer\.lr \(now 0\.001\)"),
     ("none", r"lower model\.optimizer\.lr \(now 0\.001\)"),
 ])
-def test_nan_loss_names_the_cause_and_the_settings(transform, settings):
+def test_nan_loss_names_the_step_the_cause_and_the_settings(tmp_path, transform, settings):
     model = STNClassifier(transform, loc_net=CHEAP)
-    x = images(2)
-    x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=rf"loss is nan at epoch 0, step 0\. .*{settings}.*No checkpoint was saved before it\."):
-        model.training_step((x, torch.tensor([0, 1])), 0)
+    batches = [images(2, seed=seed) for seed in range(4)]
+    batches[1][0, 0, 0, 0] = float("nan")  # step 1; the check runs at the logging cadence (every 3) and at the end
+    with pytest.raises(FloatingPointError, match=rf"loss is nan at epoch 0, step 1\. .*{settings}.*No checkpoint was saved before it\."):
+        _fit(model, batches, tmp_path, log_every_n_steps=3, enable_checkpointing=False)
+
+
+def test_a_diverged_run_stops_at_the_logging_cadence_and_saves_nothing(tmp_path):
+    model = STNClassifier("none")
+    batches = [images(2, seed=seed) for seed in range(6)]
+    batches[3][0, 0, 0, 0] = float("inf")
+    started = []
+    model.on_train_batch_start = lambda batch, batch_idx: started.append(batch_idx)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at epoch 0, step 3\."):
+        _fit(model, batches, tmp_path, log_every_n_steps=5, enable_checkpointing=False)
+    assert started == [0, 1, 2, 3, 4]  # found at the fifth step's logging, not at the fourth: no sync in between
+    with pytest.raises(FloatingPointError, match=r"step 3\."):  # and never written into a checkpoint
+        model.on_save_checkpoint({})
+
+
+def test_the_loss_watch_keeps_the_first_non_finite_loss_on_the_device():
+    watch = LossWatch()
+    assert watch.first() is None
+    watch.record(torch.tensor(2.5), epoch=0, step=0)
+    assert watch.first() is None
+    watch.record(torch.tensor(float("inf")), epoch=1, step=7)
+    watch.record(torch.tensor(float("nan")), epoch=1, step=8)
+    assert watch.first() == (math.inf, 1, 7)
 
 
 # ---------------------------------------------------------------- classifier

@@ -1,0 +1,63 @@
+"""Catching a diverged training run without waiting on the device every step.
+
+:class:`LossWatch` keeps the first non-finite training loss (its value, epoch and step) in a tensor on
+the loss's own device: recording a step launches a few small kernels and never copies to the host, so a
+GPU runs on. :meth:`LossWatch.first` reads the record back (one device sync); the module calls it where
+the device is synchronised anyway (at the logger's cadence and before a checkpoint is written), so a
+diverged run stops within ``trainer.log_every_n_steps`` steps and never saves diverged weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from stn.errors import DivergedError
+
+__all__ = ["LossWatch", "diverged_error"]
+
+
+class LossWatch:
+    """The first non-finite loss seen, as ``(loss, epoch, step)``, kept on the loss's device."""
+
+    def __init__(self) -> None:
+        self._first: Tensor | None = None  # (3,): loss, epoch, step; step -1 while every loss was finite
+
+    def record(self, loss: Tensor, epoch: int, step: int) -> None:
+        """Keep ``loss`` (a scalar) with its ``epoch`` and ``step`` if it is the first non-finite one."""
+        loss = loss.detach().float()
+        if self._first is None or self._first.device != loss.device:
+            self._first = torch.full((3,), -1.0, device=loss.device)
+        here = torch.stack([loss, torch.full_like(loss, epoch), torch.full_like(loss, step)])
+        first_bad = ~torch.isfinite(loss) & (self._first[2] < 0)
+        self._first = torch.where(first_bad, here, self._first)
+
+    def first(self) -> tuple[float, int, int] | None:
+        """``(loss, epoch, step)`` of the first non-finite loss recorded, or ``None`` (syncs the device)."""
+        if self._first is None:
+            return None
+        loss, epoch, step = self._first.tolist()
+        return None if step < 0 else (loss, int(epoch), int(step))
+
+
+def diverged_error(loss: float, epoch: int, step: int, lr: float, lr_mult: float | None, checkpoint: str) -> DivergedError:
+    """The one-paragraph error for a loss that became ``loss`` at ``epoch``/``step``: the usual cause and
+    the settings that fix it (``lr_mult`` is the loc-net's, ``None`` without a transformer), and where to
+    resume (``checkpoint``: the last one saved before it, or ``""``)."""
+    if lr_mult is not None:
+        cause = (
+            "The usual cause is a localization network that moves too fast: its predicted transform runs "
+            "off the image, the sampling grid folds and the classifier diverges (the loc/stage<k>/param_std "
+            f"curves in TensorBoard rise steeply before it). Lower model.loc_net.lr_mult (now {lr_mult}) or "
+            f"model.optimizer.lr (now {lr}), keep a hidden layer in the loc-net head (model.loc_net.hidden > 0), "
+            "set trainer.gradient_clip_val (e.g. 1.0), set model.loc_net.bounded=true (with model.tps.margin > 0), "
+            "or add model.bending_weight > 0."
+        )
+    else:
+        cause = (f"The learning rate is too high for this model: lower model.optimizer.lr (now {lr}) or set "
+                 "trainer.gradient_clip_val (e.g. 1.0).")
+    if checkpoint:
+        resume = f"The last good checkpoint is {checkpoint} (nothing after it was saved); resume with ckpt_path={checkpoint}."
+    else:
+        resume = "No checkpoint was saved before it."
+    return DivergedError(f"The training loss is {loss} at epoch {epoch}, step {step}. {cause} {resume}")
