@@ -21,6 +21,7 @@ from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
 from stn.health import loc_net_health
+from stn.optimization import DEFAULT_OPTIMIZER, build_optimizer, build_scheduler, check_optimization, from_names
 from stn.pose import DIGIT_HALF_SIZE, MIN_READ, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
 from stn.turned_negatives import turn_grid, uniform_cross_entropy
@@ -30,8 +31,6 @@ __all__ = ["STNClassifier"]
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-SCHEDULERS = ("onecycle", "cosine", "none")
 
 
 class STNClassifier(L.LightningModule):
@@ -58,8 +57,10 @@ class STNClassifier(L.LightningModule):
         tps: ``rows``, ``cols``, ``margin`` of the TPS control-point layout.
         classifier: keyword arguments of :class:`~stn.classifier.CNNClassifier`.
         bending_weight: weight of the mean TPS bending energy added to the loss (``tps`` only).
-        optimizer: ``name`` (adamw | adam | sgd), ``lr`` and the optimiser's other keyword arguments.
-        scheduler: ``name`` (onecycle | cosine | none) and its keyword arguments.
+        optimizer: ``_target_`` (a ``torch.optim`` optimiser's import path), ``lr`` and its other keyword
+            arguments (:mod:`stn.optimization`); it is called with :meth:`param_groups`.
+        scheduler: ``_target_`` (a ``torch.optim.lr_scheduler`` class) and its keyword arguments, stepped
+            every training step; ``None``: a constant learning rate.
         channels_last: run the classifier and the loc-net backbones in channels-last memory format
             (faster convolutions on CPUs and tensor cores).
         log_images_every_n_epochs: how often to log image grids to TensorBoard (0: never).
@@ -112,9 +113,9 @@ class STNClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         _check_output_size(output_size)
-        self.optimizer_config = dict(optimizer or {"name": "adamw", "lr": 1e-3})
-        self.scheduler_config = dict(scheduler or {"name": "none"})
-        _check_optimization(self.optimizer_config, self.scheduler_config)
+        self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.scheduler_config = None if scheduler is None else dict(scheduler)
+        check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
             padding_mode=padding_mode, passes=passes, **(tps or {}),
@@ -408,8 +409,7 @@ class STNClassifier(L.LightningModule):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimiser over :meth:`param_groups`."""
-        config = dict(self.optimizer_config)
-        return OPTIMIZERS[config.pop("name")](self.param_groups(), **{k: v for k, v in config.items() if k != "lr"})
+        return build_optimizer(self.optimizer_config, self.param_groups())
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: classifier, loc-net head, loc-net backbone.
@@ -432,22 +432,9 @@ class STNClassifier(L.LightningModule):
         return groups
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-        config = dict(self.scheduler_config)
-        name = config.pop("name")
-        if name == "none":
+        if self.scheduler_config is None:
             return None
-        total = int(self.trainer.estimated_stepping_batches)
-        if name == "onecycle":
-            pct_start = config.get("pct_start", 0.3)  # torch's default
-            if pct_start * total == 1:  # torch's OneCycleLR divides by (warm-up steps - 1)
-                raise SettingError(
-                    f"The one-cycle warm-up is exactly one step (model.scheduler.pct_start = {pct_start} "
-                    f"of {total} training steps), which torch's OneCycleLR cannot schedule; change "
-                    "model.scheduler.pct_start or the number of steps, or set model.scheduler.name=none."
-                )
-            max_lr = [group["lr"] for group in optimizer.param_groups]
-            return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, **config)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, **config)
+        return build_scheduler(self.scheduler_config, optimizer, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._raise_if_diverged()  # never save the weights of a diverged run
@@ -474,6 +461,7 @@ class STNClassifier(L.LightningModule):
             raise CorruptInputError(f"{path} holds no model settings (hyper_parameters): it was not written by scripts/train.py.")
         hparams = dict(checkpoint["hyper_parameters"])
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
+        hparams["optimizer"], hparams["scheduler"] = from_names(hparams.get("optimizer"), hparams.get("scheduler"))
         if passes is not None:
             hparams["passes"] = passes
         model = cls(**hparams)
@@ -554,19 +542,3 @@ def _non_negative_numbers(
     if set(settings) != set(defaults) or not numbers or not valid(settings):
         raise SettingError(f"{setting} must hold {what}, got {dict(config or {})!r}. Set e.g. {example}.")
     return {key: float(value) for key, value in settings.items()}
-
-
-def _check_optimization(optimizer: dict, scheduler: dict) -> None:
-    name = optimizer.get("name")
-    if name not in OPTIMIZERS:
-        raise SettingError(
-            f"Unknown optimizer {name!r}. Set model.optimizer.name to one of {', '.join(OPTIMIZERS)}."
-        )
-    lr = optimizer.get("lr")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise SettingError(f"model.optimizer.lr must be a positive number, got {lr!r}.")
-    if scheduler.get("name") not in SCHEDULERS:
-        raise SettingError(
-            f"Unknown scheduler {scheduler.get('name')!r}. Set model.scheduler.name to one of "
-            f"{', '.join(SCHEDULERS)}."
-        )

@@ -28,6 +28,7 @@ from stn.errors import SettingError
 from stn.health import loc_net_health
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
+from stn.optimization import from_names
 from stn.tps import bending_energy, grid_points, tps_warp
 from stn.transformer import SpatialTransformer, similarity_theta
 from stn.turned_negatives import turn_grid, uniform_cross_entropy
@@ -249,7 +250,7 @@ def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics():
 def test_parameter_groups_and_learning_rates():
     model = STNClassifier(
         "tps", loc_net={**CHEAP, "lr_mult": 0.1, "backbone_lr_mult": 0.5},
-        optimizer={"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
+        optimizer={"_target_": "torch.optim.AdamW", "lr": 0.002, "weight_decay": 0.01},
     )
     groups = {group["name"]: group for group in model.param_groups()}
     assert groups["classifier"]["lr"] == pytest.approx(0.002)
@@ -260,13 +261,13 @@ def test_parameter_groups_and_learning_rates():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_fused_optimizer_takes_the_same_steps_as_the_plain_one(name):
-    """model.optimizer.fused=true (one kernel per step) is a speed setting: fed the same gradients, the
+    """+model.optimizer.fused=true (one kernel per step) is a speed setting: fed the same gradients, the
     fused and the plain optimiser leave the same parameters, step after step (their state included)."""
     torch.manual_seed(0)
-    plain = STNClassifier("affine", loc_net=CHEAP, optimizer={"name": name, "lr": 0.01, "momentum": 0.9}
-                          if name == "sgd" else {"name": name, "lr": 0.01})
+    optimizer = {"_target_": f"torch.optim.{name}", "lr": 0.01, **({"momentum": 0.9} if name == "SGD" else {})}
+    plain = STNClassifier("affine", loc_net=CHEAP, optimizer=optimizer)
     fused = copy.deepcopy(plain)
     fused.optimizer_config["fused"] = True
     optimizers = plain.build_optimizer(), fused.build_optimizer()
@@ -283,13 +284,64 @@ def test_fused_optimizer_takes_the_same_steps_as_the_plain_one(name):
             torch.testing.assert_close(target, source, rtol=1e-5, atol=1e-7)
 
 
-def test_bad_optimizer_and_scheduler_names_are_refused():
-    with pytest.raises(ValueError, match=r"model.optimizer.name.*adamw, adam, sgd"):
-        STNClassifier("none", optimizer={"name": "lamb", "lr": 0.1})
-    with pytest.raises(ValueError, match=r"model.scheduler.name.*onecycle, cosine, none"):
-        STNClassifier("none", scheduler={"name": "step"})
-    with pytest.raises(ValueError, match=r"model.optimizer.lr must be a positive number"):
-        STNClassifier("none", optimizer={"name": "adamw", "lr": -1})
+def test_bad_optimizer_and_scheduler_settings_are_refused():
+    with pytest.raises(SettingError, match=r"model.optimizer must name a torch.optim.optimizer.Optimizer class .*'torch.optim.Lamb'.*e.g. torch.optim.AdamW"):
+        STNClassifier("none", optimizer={"_target_": "torch.optim.Lamb", "lr": 0.1})
+    with pytest.raises(SettingError, match=r"model.optimizer must name .*'torch.nn.Linear'"):
+        STNClassifier("none", optimizer={"_target_": "torch.nn.Linear", "lr": 0.1})
+    with pytest.raises(SettingError, match=r"model.optimizer must name .* got None"):
+        STNClassifier("none", optimizer={"name": "adamw", "lr": 0.1})
+    with pytest.raises(SettingError, match=r"model.optimizer.lr must be a positive number"):
+        STNClassifier("none", optimizer={"_target_": "torch.optim.AdamW", "lr": -1})
+    with pytest.raises(SettingError, match=r"model.optimizer holds nesterov, which torch.optim.AdamW does not take .*~model.optimizer.nesterov"):
+        STNClassifier("none", optimizer={"_target_": "torch.optim.AdamW", "lr": 0.1, "nesterov": True})
+    with pytest.raises(SettingError, match=r"model.scheduler must name a torch.optim.lr_scheduler.LRScheduler class .*'step'"):
+        STNClassifier("none", scheduler={"_target_": "step"})
+    with pytest.raises(SettingError, match=r"model.scheduler holds pct_start, which torch.optim.lr_scheduler.CosineAnnealingLR"):
+        STNClassifier("none", scheduler={"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "pct_start": 0.3})
+
+
+@pytest.mark.parametrize(("scheduler", "lrs"), [
+    # one-cycle over 10 steps from max_lr / 25, peaking at each group's lr after 3, ending at max_lr / 25e4
+    ({"_target_": "torch.optim.lr_scheduler.OneCycleLR", "pct_start": 0.3},
+     lambda lr, step: lr / 25e4 + (lr - lr / 25e4) * (1 + math.cos(math.pi * (step - 2) / 7)) / 2 if step > 2
+     else lr / 25 + (lr - lr / 25) * (1 - math.cos(math.pi * step / 2)) / 2),
+    ({"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"}, lambda lr, step: lr * (1 + math.cos(math.pi * step / 10)) / 2),
+    (None, lambda lr, step: lr),
+])
+def test_the_scheduler_runs_over_the_whole_run_at_each_groups_rate(scheduler, lrs):
+    """The module hands the scheduler the run's length and every group's own rate (closed forms of torch's
+    one-cycle with cosine annealing and of cosine annealing)."""
+    model = STNClassifier("affine", loc_net={**CHEAP, "lr_mult": 0.1}, scheduler=scheduler,
+                          optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = model.build_optimizer()
+    schedule = model._scheduler(optimizer)
+    for step in range(10):
+        for group in optimizer.param_groups:
+            base = 0.1 if group["name"] == "classifier" else 0.01
+            assert group["lr"] == pytest.approx(lrs(base, step), rel=1e-6), (group["name"], step)
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+
+
+def test_checkpoints_written_with_optimiser_names_load(tmp_path):
+    """Checkpoints before _target_ settings held ``name: adamw`` / ``name: onecycle`` / ``name: none``."""
+    assert from_names({"name": "adamw", "lr": 0.1, "weight_decay": 0.0}, {"name": "onecycle", "pct_start": 0.25}) == (
+        {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1, "weight_decay": 0.0},
+        {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "pct_start": 0.25},
+    )
+    assert from_names({"name": "sgd", "lr": 0.1}, {"name": "none"})[1] is None
+    today = ({"_target_": "torch.optim.Adam", "lr": 0.1}, None)
+    assert from_names(*today) == today
+    model = STNClassifier("affine", loc_net=CHEAP).eval()
+    old = {**model.hparams, "optimizer": {"name": "sgd", "lr": 0.1}, "scheduler": {"name": "none"}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": old}, tmp_path / "old.ckpt")
+    loaded = STNClassifier.from_checkpoint(str(tmp_path / "old.ckpt")).eval()
+    assert loaded.optimizer_config == {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    assert loaded.scheduler_config is None
+    torch.testing.assert_close(loaded(images(2)), model(images(2)))
 
 
 def _fit(model: STNClassifier, batches: list[torch.Tensor], tmp_path, **trainer) -> L.Trainer:
@@ -746,7 +798,7 @@ def test_oracle_pose_without_a_transformer_or_a_distortion_names_the_setting():
 
 def test_a_one_step_one_cycle_warm_up_names_the_setting():
     """torch's OneCycleLR divides by zero when pct_start x steps is exactly 1 (here 0.25 x 4)."""
-    model = STNClassifier("none", scheduler={"name": "onecycle", "pct_start": 0.25})
+    model = STNClassifier("none", scheduler={"_target_": "torch.optim.lr_scheduler.OneCycleLR", "pct_start": 0.25})
     model._trainer = SimpleNamespace(estimated_stepping_batches=4)
     with pytest.raises(SettingError, match=r"model\.scheduler\.pct_start = 0\.25 of 4 training steps"):
         model._scheduler(model.build_optimizer())
