@@ -362,9 +362,9 @@ def _fit(model: STNClassifier, batches: list[torch.Tensor], tmp_path, **trainer)
 def test_nan_loss_names_the_step_the_cause_and_the_settings(tmp_path, transform, settings):
     model = STNClassifier(transform, loc_net=CHEAP)
     batches = [images(2, seed=seed) for seed in range(4)]
-    batches[1][0, 0, 0, 0] = float("nan")  # step 1; the check runs at the logging cadence (every 3) and at the end
+    batches[1][0, 0, 0, 0] = float("nan")  # step 1; logging every 50 steps, so it is found at the epoch's end
     with pytest.raises(FloatingPointError, match=rf"loss is nan at epoch 0, step 1\. .*{settings}.*No checkpoint was saved before it\."):
-        _fit(model, batches, tmp_path, log_every_n_steps=3, enable_checkpointing=False)
+        _fit(model, batches, tmp_path, log_every_n_steps=50, enable_checkpointing=False)
 
 
 def test_a_diverged_run_stops_at_the_logging_cadence_and_saves_nothing(tmp_path):
