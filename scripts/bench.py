@@ -24,7 +24,7 @@ from torch.utils.benchmark import Timer
 
 from stn.data import DISTORTIONS, MNISTDataModule
 from stn.localization import LocalizationNet
-from stn.step_profile import PHASES, profile_training_step
+from stn.step_profile import PHASES, StepProfile, profile_training_steps
 from stn.tps import TPSGridGen, grid_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,15 +233,17 @@ def bench_train(args: argparse.Namespace) -> None:
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(f"{machine['device']}, {machine['threads']} threads, torch {machine['torch']}; median of {args.steps} steps "
-          f"after {args.warmup} warm-up steps; ms per training step of one batch, phase by phase\n")
+          f"after {args.warmup} warm-up steps, the experiments taking turns in {args.rounds} rounds; ms per training "
+          "step of one batch, phase by phase\n")
     print(f"| experiment | {' | '.join(PHASES)} | step ms | train images/s | eval images/s | peak memory MB |")
     print("|---|" + "---|" * (len(PHASES) + 4))
-    results = {}
+    profiles = []
     for name in args.experiments:
         datamodule, model, autocast = experiment_parts(name, args.overrides)
-        result = profile_training_step(model.to(device), datamodule, device, args.steps, args.warmup, autocast)
-        result["autocast"] = str(autocast).removeprefix("torch.") if autocast else None
-        results[name] = result
+        profiles.append(StepProfile(model.to(device), datamodule, device, autocast))
+    results = dict(zip(args.experiments, profile_training_steps(profiles, args.steps, args.warmup, args.rounds)))
+    for (name, result), profile in zip(results.items(), profiles):
+        result["autocast"] = str(profile.autocast).removeprefix("torch.") if profile.autocast else None
         phases = " | ".join(f"{result['phases_ms'][phase]:.1f} ({100 * result['phases_ms'][phase] / result['step_ms']:.0f} %)" for phase in PHASES)
         print(f"| {name} | {phases} | {result['step_ms']:.1f} | {result['train_images_per_s']:,.0f} | "
               f"{result['eval_images_per_s']:,.0f} | {result['peak_memory_mb']:,.0f} |")
@@ -252,7 +254,8 @@ def bench_train(args: argparse.Namespace) -> None:
     folder = Path(args.output) if args.output else REPO / "outputs" / "bench" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.json").write_text(json.dumps({"machine": machine, "steps": args.steps, "warmup": args.warmup,
-                                                    "overrides": args.overrides, "results": results}, indent=2))
+                                                    "rounds": args.rounds, "overrides": args.overrides,
+                                                    "results": results}, indent=2))
     print(f"\nRun folder: {folder}")
 
 
@@ -272,6 +275,8 @@ def main() -> None:
     train.add_argument("experiments", nargs="*", default=["mnist_tps", "mnist_affine", "mnist_cnn"], help="experiment names")
     train.add_argument("--steps", type=int, default=30, help="timed steps (the median is shown)")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    train.add_argument("--rounds", type=int, default=5,
+                       help="the experiments take turns, steps/rounds timed steps each per turn (1: one after another)")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--override", dest="overrides", action="append", default=[],
                        help="a Hydra override for every experiment, e.g. --override data.batch_size=256 (repeatable)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from stn.data import MNISTDataModule
 from stn.module import STNClassifier
 
-__all__ = ["PHASES", "profile_training_step"]
+__all__ = ["PHASES", "StepProfile", "profile_training_steps"]
 
 PHASES = ("data + distortion", "loc-net", "grid + sampling", "classifier", "backward", "optimiser")
 
@@ -29,39 +29,46 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_training_step(
-    model: STNClassifier, datamodule: MNISTDataModule, device: torch.device, steps: int = 30, warmup: int = 5,
-    autocast: torch.dtype | None = None,
-) -> dict:
-    """Median milliseconds of each phase of a training step and of an evaluation batch, and rates.
+class StepProfile:
+    """Times training steps of one model, phase by phase, a few steps per call to :meth:`run`.
 
     Args:
-        model: the model, on ``device``; trained in place for ``warmup + steps`` steps.
+        model: the model, on ``device``; trained in place by every step run.
         datamodule: set up for ``"fit"``; its training batches are distorted at full strength.
         device: where the model runs (batches are moved there, as Lightning does).
         autocast: run the forward phases under ``torch.autocast`` in this dtype (as Lightning's
             ``precision="bf16-mixed"`` / ``"16-mixed"`` do); ``None``: full precision.
-
-    Returns:
-        ``{"phases_ms": {phase: ms}, "step_ms", "train_images_per_s", "eval_images_per_s",
-        "batch_size", "peak_memory_mb"}``; peak memory is the CUDA allocator's peak on a GPU, else the
-        process's peak resident set size.
     """
-    optimizer = model.build_optimizer()
-    generator = datamodule.training_generator(epoch=0, device=device)
-    loader = iter(datamodule.train_dataloader())
-    model.train()
-    timings: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    batch_size = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for step in range(warmup + steps):
-        state: dict = {}
+
+    def __init__(self, model: STNClassifier, datamodule: MNISTDataModule, device: torch.device,
+                 autocast: torch.dtype | None = None):
+        self.model, self.datamodule, self.device, self.autocast = model, datamodule, device, autocast
+        self.optimizer = model.build_optimizer()
+        self.generator = datamodule.training_generator(epoch=0, device=device)
+        self.loader = iter(datamodule.train_dataloader())
+        self.timings: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        self.batch_size = 0
+        self.peak_cuda_bytes = 0
+
+    def run(self, steps: int, record: bool = True) -> None:
+        """Train ``steps`` steps; keep each phase's time unless ``record`` is ``False`` (warm-up)."""
+        self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for _ in range(steps):
+            for phase, seconds in zip(PHASES, self._step()):
+                if record:
+                    self.timings[phase].append(seconds)
+        if self.device.type == "cuda":
+            self.peak_cuda_bytes = max(self.peak_cuda_bytes, torch.cuda.max_memory_allocated(self.device))
+
+    def _step(self) -> list[float]:
+        model, state = self.model, {}
 
         def data() -> None:
-            images, labels = next(loader)
-            state["images"] = datamodule.distort(images.to(device), generator)
-            state["labels"] = labels.to(device)
+            images, labels = next(self.loader)
+            state["images"] = self.datamodule.distort(images.to(self.device), self.generator)
+            state["labels"] = labels.to(self.device)
 
         def localize() -> None:
             state["params"] = model.transformer.localize(state["images"])
@@ -77,30 +84,53 @@ def profile_training_step(
             state["loss"].backward()
 
         def step_optimizer() -> None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
         forward = (localize, sample, classify)
-        phases: tuple[Callable[[], None], ...] = (data, *(_autocast(run, device, autocast) for run in forward),
-                                                  backward, step_optimizer)
-        for phase, run in zip(PHASES, phases):
-            _synchronize(device)
+        seconds = []
+        for run in (data, *(_autocast(run, self.device, self.autocast) for run in forward), backward, step_optimizer):
+            _synchronize(self.device)
             start = time.perf_counter()
             run()
-            _synchronize(device)
-            if step >= warmup:
-                timings[phase].append(time.perf_counter() - start)
-        batch_size = state["labels"].shape[0]
-    phases_ms = {phase: 1e3 * statistics.median(times) for phase, times in timings.items()}
-    step_ms = sum(phases_ms.values())
-    return {
-        "phases_ms": phases_ms,
-        "step_ms": step_ms,
-        "train_images_per_s": 1e3 * batch_size / step_ms,
-        "eval_images_per_s": _eval_images_per_second(model, datamodule, device, steps, warmup, autocast),
-        "batch_size": batch_size,
-        "peak_memory_mb": _peak_memory_mb(device),
-    }
+            _synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+        self.batch_size = state["labels"].shape[0]
+        return seconds
+
+    def result(self, eval_steps: int = 30, eval_warmup: int = 5) -> dict:
+        """Median milliseconds of each phase over the recorded steps, and rates.
+
+        Returns:
+            ``{"phases_ms": {phase: ms}, "step_ms", "train_images_per_s", "eval_images_per_s", "batch_size",
+            "peak_memory_mb"}``; evaluation is timed here (``eval_steps`` no-grad forward passes of a
+            validation batch); peak memory is the CUDA allocator's peak while this model's steps ran on a
+            GPU, else the process's peak resident set size (of every model the process profiled so far).
+        """
+        phases_ms = {phase: 1e3 * statistics.median(times) for phase, times in self.timings.items()}
+        step_ms = sum(phases_ms.values())
+        return {
+            "phases_ms": phases_ms,
+            "step_ms": step_ms,
+            "train_images_per_s": 1e3 * self.batch_size / step_ms,
+            "eval_images_per_s": _eval_images_per_second(self.model, self.datamodule, self.device, eval_steps,
+                                                         eval_warmup, self.autocast),
+            "batch_size": self.batch_size,
+            "peak_memory_mb": self.peak_cuda_bytes / 2**20 if self.device.type == "cuda" else _peak_memory_mb(),
+        }
+
+
+def profile_training_steps(profiles: list[StepProfile], steps: int = 30, warmup: int = 5, rounds: int = 5) -> list[dict]:
+    """:meth:`StepProfile.result` of each profile after ``warmup`` untimed and ``steps`` timed steps, the
+    timed steps taken in ``rounds`` turns (a share of each profile's steps per turn, one profile after
+    another), so that every model is timed across the same stretch of time and a host whose speed
+    drifts (a shared machine) moves their ratios less than their times."""
+    for profile in profiles:
+        profile.run(warmup, record=False)
+    for turn in range(rounds):
+        for profile in profiles:
+            profile.run(steps // rounds + (turn < steps % rounds))
+    return [profile.result(steps, warmup) for profile in profiles]
 
 
 def _autocast(run: Callable[[], None], device: torch.device, dtype: torch.dtype | None) -> Callable[[], None]:
@@ -128,7 +158,5 @@ def _eval_images_per_second(model: STNClassifier, datamodule: MNISTDataModule, d
     return images.shape[0] / statistics.median(times)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
