@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stn.step_profile import PHASES
+from stn.step_profile import PHASES, profile_training_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +57,24 @@ def test_bench_loc_net_times_each_cut_against_the_first(tmp_path):
     assert rows["shufflenet_v2_x0_5:stage2:16"][-1].strip() == "1.00x"
     assert rows["resnet18:pooled"][2].strip() == "512"  # resnet18's pooled features feed the head
     assert all(float(cell) > 0 for row in rows.values() for cell in row[3:5])
+
+
+def test_the_experiments_take_turns_over_the_timed_steps():
+    """``profile_training_steps``: every profile warms up first, then the timed steps go in turns, one
+    profile after another, the steps shared out over the rounds (7 in 3 rounds: 3, 2, 2)."""
+    calls = []
+
+    class Profile:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, steps, record=True):
+            calls.append((self.name, steps, record))
+
+        def result(self, eval_steps, eval_warmup):
+            return (self.name, eval_steps, eval_warmup)
+
+    results = profile_training_steps([Profile("a"), Profile("b")], steps=7, warmup=4, rounds=3)
+    assert results == [("a", 7, 4), ("b", 7, 4)]
+    assert calls == [("a", 4, False), ("b", 4, False), ("a", 3, True), ("b", 3, True), ("a", 2, True), ("b", 2, True),
+                     ("a", 2, True), ("b", 2, True)]
