@@ -32,7 +32,6 @@ __all__ = ["STNClassifier"]
 log = logging.getLogger(__name__)
 
 
-
 class STNClassifier(L.LightningModule):
     """Classify images through a spatial transformer: ``logits = classifier(transformer(x))``.
 

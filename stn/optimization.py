@@ -48,11 +48,9 @@ def build_optimizer(config: Mapping[str, Any], groups: list[dict[str, Any]]) -> 
 
 
 def build_scheduler(
-    config: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int,
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The scheduler ``config`` names over ``optimizer`` for a run of ``total_steps`` steps (``None``: none)."""
-    if config is None:
-        return None
+    config: Mapping[str, Any], optimizer: torch.optim.Optimizer, total_steps: int,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The scheduler ``config`` names over ``optimizer`` for a run of ``total_steps`` steps."""
     cls = get_class(config["_target_"])
     arguments = _arguments(config)
     takes = inspect.signature(cls).parameters
