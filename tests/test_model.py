@@ -13,8 +13,8 @@ import os
 import urllib.error
 from types import SimpleNamespace
 
-import pytest
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -263,7 +263,7 @@ def test_parameter_groups_and_learning_rates():
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_fused_optimizer_takes_the_same_steps_as_the_plain_one(name):
-    """+model.optimizer.fused=true (one kernel per step) is a speed setting: fed the same gradients, the
+    """model.optimizer.fused (true by default: one kernel per step) is a speed setting: fed the same gradients, the
     fused and the plain optimiser leave the same parameters, step after step (their state included)."""
     torch.manual_seed(0)
     optimizer = {"_target_": f"torch.optim.{name}", "lr": 0.01, **({"momentum": 0.9} if name == "SGD" else {})}
