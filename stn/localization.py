@@ -294,11 +294,9 @@ class LocalizationNet(nn.Module):
 def loc_net_view(images: Tensor, input_size: tuple[int, int] | None, mean: Tensor, std: Tensor) -> Tensor:
     """What a backbone sees of images ``(N, 1 or 3, H, W)`` in ``[0, 1]``: three channels, resized to
     ``input_size`` (``None``: as is), normalised with ``mean`` / ``std`` ``(1, 3, 1, 1)``."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
     if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
         images = F.interpolate(images, size=input_size, mode="bilinear", align_corners=False, antialias=True)
-    return (images - mean) / std
+    return (images.expand(-1, 3, -1, -1) - mean) / std  # grey: resized once, then repeated
 
 
 def _pair(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:

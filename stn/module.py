@@ -52,7 +52,9 @@ class STNClassifier(L.LightningModule):
         output_size: ``(H', W')`` of the warped image the classifier reads; ``None``: input size.
         align_corners: the grid convention of every grid builder and sampler.
         padding_mode: ``grid_sample`` padding for reads outside the image.
-        loc_net: keyword arguments of :class:`~stn.localization.LocalizationNet`.
+        loc_net: keyword arguments of :class:`~stn.localization.LocalizationNet`, shared by every stage.
+        stage_loc_nets: one mapping per stage overriding ``loc_net`` for that stage's loc-net (``{}``: as
+            ``loc_net``), e.g. a wider backbone for the first stage only; ``None``: ``loc_net`` everywhere.
         tps: ``rows``, ``cols``, ``margin`` of the TPS control-point layout.
         classifier: keyword arguments of :class:`~stn.classifier.CNNClassifier`.
         bending_weight: weight of the mean TPS bending energy added to the loss (``tps`` only).
@@ -108,6 +110,7 @@ class STNClassifier(L.LightningModule):
         compile: bool | dict = False,
         passes: int | Sequence[int] = 1,
         turned_negatives: dict | None = None,
+        stage_loc_nets: Sequence[Mapping | None] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -117,7 +120,7 @@ class STNClassifier(L.LightningModule):
         check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
-            padding_mode=padding_mode, passes=passes, **(tps or {}),
+            padding_mode=padding_mode, passes=passes, stage_loc_nets=stage_loc_nets, **(tps or {}),
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -460,6 +463,8 @@ class STNClassifier(L.LightningModule):
             raise CorruptInputError(f"{path} holds no model settings (hyper_parameters): it was not written by scripts/train.py.")
         hparams = dict(checkpoint["hyper_parameters"])
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
+        if hparams.get("stage_loc_nets") is not None:
+            hparams["stage_loc_nets"] = [{**(stage or {}), "weights": None} for stage in hparams["stage_loc_nets"]]
         hparams["optimizer"], hparams["scheduler"] = from_names(hparams.get("optimizer"), hparams.get("scheduler"))
         if passes is not None:
             hparams["passes"] = passes

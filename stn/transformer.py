@@ -21,7 +21,8 @@ Every stage starts at the identity: an untrained transformer returns its input (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,9 @@ class SpatialTransformer(nn.Module):
             order, or ``"none"``.
         loc_net: keyword arguments of :class:`~stn.localization.LocalizationNet` (not ``initial``),
             shared by every stage's loc-net.
+        stage_loc_nets: one mapping per stage that overrides ``loc_net`` for that stage's loc-net (``{}``
+            or ``None``: the shared settings), e.g. a wider backbone for the first stage only;
+            ``None``: every stage uses ``loc_net``. The learning-rate multipliers stay shared.
         rows, cols, margin: the TPS target-point layout (:func:`~stn.tps.grid_points`); without a
             TPS stage the same layout is only used to draw control points.
         output_size: ``(H', W')`` of the warped image; ``None`` keeps the input size.
@@ -119,9 +123,11 @@ class SpatialTransformer(nn.Module):
         align_corners: bool = False,
         padding_mode: str = "zeros",
         passes: int | Sequence[int] = 1,
+        stage_loc_nets: Sequence[Mapping | None] | None = None,
     ):
         super().__init__()
         kinds = _stage_kinds(transform)
+        settings = _stage_loc_net_settings(dict(loc_net or {}), stage_loc_nets, kinds)
         self.transform = "+".join(kinds) or "none"
         self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
         self.align_corners = bool(align_corners)
@@ -130,7 +136,8 @@ class SpatialTransformer(nn.Module):
         self.register_buffer("target_points", target, persistent=False)
         size = self.output_size or (28, 28)
         self.stages = nn.ModuleList(
-            TransformStage(kind, dict(loc_net or {}), target, size, self.align_corners) for kind in kinds
+            TransformStage(kind, stage_settings, target, size, self.align_corners)
+            for kind, stage_settings in zip(kinds, settings)
         )
         self.chain = _chain(passes, kinds)
 
@@ -245,3 +252,37 @@ def _chain(passes: int | Sequence[int], kinds: list[str]) -> tuple[int, ...]:
             "to apply the first stage twice, or one number for every stage (model.passes=1: each stage once)."
         )
     return tuple(index for index, count in enumerate(counts) for _ in range(count))
+
+
+SHARED_LOC_NET_SETTINGS = ("lr_mult", "backbone_lr_mult")
+
+
+def _stage_loc_net_settings(
+    loc_net: dict, stage_loc_nets: Sequence[Mapping | None] | None, kinds: list[str]
+) -> list[dict]:
+    """Each stage's loc-net keyword arguments: ``loc_net`` updated by that stage's overrides."""
+    if stage_loc_nets is None:
+        return [dict(loc_net) for _ in kinds]
+    overrides = [dict(stage or {}) for stage in stage_loc_nets]
+    if len(overrides) != len(kinds):
+        raise SettingError(
+            f"model.stage_loc_nets holds {len(overrides)} entries and model.transform={kinds or 'none'} has "
+            f"{len(kinds)} stages: give one mapping per stage ({{}} keeps model.loc_net for that stage), e.g. "
+            "model.stage_loc_nets=[{backbone: resnet18, feature_node: layer1},{}], or null for model.loc_net "
+            "everywhere."
+        )
+    names = set(inspect.signature(LocalizationNet).parameters) - {"initial", *SHARED_LOC_NET_SETTINGS}
+    for index, override in enumerate(overrides):
+        shared = sorted(set(override) & set(SHARED_LOC_NET_SETTINGS))
+        if shared:
+            raise SettingError(
+                f"model.stage_loc_nets[{index}] sets {', '.join(shared)}, which every loc-net shares (one learning "
+                f"rate for all of them). Remove it from the stage's mapping and set model.loc_net.{shared[0]} instead."
+            )
+        unknown = sorted(set(override) - names)
+        if unknown:
+            raise SettingError(
+                f"model.stage_loc_nets[{index}] sets {', '.join(unknown)}, which a loc-net does not take. Remove it; "
+                f"a stage's mapping may set {', '.join(sorted(names))}."
+            )
+    return [{**loc_net, **override} for override in overrides]

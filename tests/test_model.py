@@ -641,6 +641,42 @@ def test_passes_that_do_not_fit_the_stages_name_the_setting(passes):
         SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=passes)
 
 
+def test_stage_loc_nets_override_the_shared_settings_per_stage(tmp_path):
+    """A wider first-stage loc-net: stage 0 takes the override, stage 1 the shared settings; a checkpoint of
+    such a model (its first backbone from a local file) rebuilds without that file and predicts the same."""
+    weights = tmp_path / "shufflenet.pth"
+    state = torchvision.models.shufflenet_v2_x0_5().state_dict()
+    torch.save(state, weights)
+    first = {"backbone": "shufflenet_v2_x0_5", "weights": str(weights), "feature_node": "stage2", "input_size": 32}
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_loc_nets=[first, {}])
+    wide, shared = model.transformer.loc_nets
+    torch.testing.assert_close(wide.backbone.body.get_submodule("conv1.0").weight, state["conv1.0.weight"])
+    assert wide.input_size == (32, 32) and wide.pretrained
+    assert isinstance(shared.backbone.fc, torch.nn.Identity) and shared.input_size == (16, 16) and not shared.pretrained
+    assert sum(p.numel() for p in wide.parameters()) != sum(p.numel() for p in shared.parameters())
+    reference = LocalizationNet(torch.zeros(4), **{**CHEAP, **first})
+    assert [tuple(p.shape) for p in wide.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    _perturb(model.transformer)
+    path = tmp_path / "stages.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pretrained": False}, path)
+    weights.unlink()  # the checkpoint holds every weight: the backbone file is not read again
+    loaded = STNClassifier.from_checkpoint(str(path)).eval()
+    x = images(2)
+    torch.testing.assert_close(loaded.transformer(x), model.eval().transformer(x))
+    same = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, stage_loc_nets=[{}, None])
+    assert [net.input_size for net in same.loc_nets] == [(16, 16), (16, 16)]
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{}], r"model.stage_loc_nets holds 1 entries and model.transform=\['similarity', 'tps'\] has 2 stages"),
+    ([{}, {"lr_mult": 2.0}], r"model.stage_loc_nets\[1\] sets lr_mult, which every loc-net shares.*model.loc_net.lr_mult"),
+    ([{"backbon": "resnet18"}, {}], r"model.stage_loc_nets\[0\] sets backbon, which a loc-net does not take"),
+])
+def test_stage_loc_nets_that_do_not_fit_name_the_setting(stages, message):
+    with pytest.raises(SettingError, match=message):
+        SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, stage_loc_nets=stages)
+
+
 @pytest.mark.parametrize("transform", [["none", "tps"], [], ["tps", "projective"]])
 def test_bad_chains_are_refused(transform):
     with pytest.raises(ValueError, match=r"model.transform=\[similarity,tps\]"):

@@ -277,12 +277,13 @@ def test_cnn_experiment_with_fast_dev_run(tmp_path):
 
 
 def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny_run):
-    """The levers of the recipes are config values: chain, pooling, curriculum; r has no shift to undo."""
+    """The levers of the recipes are config values: chain, pooling, curriculum, a loc-net per stage; r has no
+    shift to undo."""
     run, _ = run_script(
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
         "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,1]",
-        "model.loc_net.head_norm=true",
+        "model.loc_net.head_norm=true", "model.stage_loc_nets=[{backbone: mobilenet_v3_small, feature_node: features.2},{}]",
     )
     summary = read_metrics(run)
     config, metrics = summary["config"], summary["metrics"]
@@ -296,6 +297,9 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert tracked and all(int(count) == 0 for count in tracked), "the frozen classifier's batch norm saw no batch"
     norms = [key for key in state if key.startswith("transformer.stages.") and key.endswith("head.1.weight")]
     assert len(norms) == 2 and all(state[key].shape == (64,) for key in norms)  # a LayerNorm in each stage's head
+    assert config["model"]["stage_loc_nets"] == [{"backbone": "mobilenet_v3_small", "feature_node": "features.2"}, {}]
+    assert "transformer.stages.0.loc_net.backbone.body.features.0.0.weight" in state  # mobilenet_v3_small's stem
+    assert "transformer.stages.1.loc_net.backbone.body.conv1.0.weight" in state  # the recipe's shufflenet
 
 
 def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):
