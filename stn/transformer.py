@@ -37,6 +37,7 @@ __all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_the
 TRANSFORMS = ("tps", "affine", "similarity", "none")
 STAGE_KINDS = ("tps", "affine", "similarity")
 IDENTITY_THETA = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+SHARED_LOC_NET_SETTINGS = ("lr_mult", "backbone_lr_mult")  # one learning rate for every stage's loc-net
 
 
 def similarity_theta(params: Tensor) -> Tensor:
@@ -252,9 +253,6 @@ def _chain(passes: int | Sequence[int], kinds: list[str]) -> tuple[int, ...]:
             "to apply the first stage twice, or one number for every stage (model.passes=1: each stage once)."
         )
     return tuple(index for index, count in enumerate(counts) for _ in range(count))
-
-
-SHARED_LOC_NET_SETTINGS = ("lr_mult", "backbone_lr_mult")
 
 
 def _stage_loc_net_settings(
