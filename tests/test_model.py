@@ -642,20 +642,22 @@ def test_passes_that_do_not_fit_the_stages_name_the_setting(passes):
 
 
 def test_stage_loc_nets_override_the_shared_settings_per_stage(tmp_path):
-    """A wider first-stage loc-net: stage 0 takes the override, stage 1 the shared settings; a checkpoint of
-    such a model (its first backbone from a local file) rebuilds without that file and predicts the same."""
+    """Another backbone for the first stage: stage 0 takes the override, stage 1 the shared settings; a
+    checkpoint of such a model (its first backbone from a local file) rebuilds without that file and predicts
+    the same."""
     weights = tmp_path / "shufflenet.pth"
     state = torchvision.models.shufflenet_v2_x0_5().state_dict()
     torch.save(state, weights)
     first = {"backbone": "shufflenet_v2_x0_5", "weights": str(weights), "feature_node": "stage2", "input_size": 32}
     model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_loc_nets=[first, {}])
-    wide, shared = model.transformer.loc_nets
-    torch.testing.assert_close(wide.backbone.body.get_submodule("conv1.0").weight, state["conv1.0.weight"])
-    assert wide.input_size == (32, 32) and wide.pretrained
-    assert isinstance(shared.backbone.fc, torch.nn.Identity) and shared.input_size == (16, 16) and not shared.pretrained
-    assert sum(p.numel() for p in wide.parameters()) != sum(p.numel() for p in shared.parameters())
+    first_net, second_net = model.transformer.loc_nets
+    torch.testing.assert_close(first_net.backbone.body.get_submodule("conv1.0").weight, state["conv1.0.weight"])
+    assert first_net.input_size == (32, 32) and first_net.pretrained
+    assert isinstance(second_net.backbone.fc, torch.nn.Identity)  # CHEAP's resnet18, its head removed
+    assert second_net.input_size == (16, 16) and not second_net.pretrained
+    assert sum(p.numel() for p in first_net.parameters()) != sum(p.numel() for p in second_net.parameters())
     reference = LocalizationNet(torch.zeros(4), **{**CHEAP, **first})
-    assert [tuple(p.shape) for p in wide.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    assert [tuple(p.shape) for p in first_net.parameters()] == [tuple(p.shape) for p in reference.parameters()]
     _perturb(model.transformer)
     path = tmp_path / "stages.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pretrained": False}, path)
