@@ -679,6 +679,11 @@ def test_stage_loc_nets_that_do_not_fit_name_the_setting(stages, message):
         SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, stage_loc_nets=stages)
 
 
+def test_an_unknown_loc_net_setting_is_named():
+    with pytest.raises(SettingError, match=r"model.loc_net sets head_nrom, which a loc-net does not take.*head_norm"):
+        SpatialTransformer(["similarity", "tps"], loc_net={**CHEAP, "head_nrom": True})
+
+
 @pytest.mark.parametrize("transform", [["none", "tps"], [], ["tps", "projective"]])
 def test_bad_chains_are_refused(transform):
     with pytest.raises(ValueError, match=r"model.transform=\[similarity,tps\]"):
