@@ -274,6 +274,12 @@ class LocalizationNet(nn.Module):
             self.backbone.eval()
         return self
 
+    def requires_grad_(self, requires_grad: bool = True) -> LocalizationNet:
+        super().requires_grad_(requires_grad)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+        return self
+
     def features(self, images: Tensor) -> Tensor:
         """Backbone features ``(N, F)`` for images ``(N, C, H, W)`` in ``[0, 1]``, C in {1, 3}."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):

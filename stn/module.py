@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
+from stn.curriculum import check_freeze_range, check_stage_start, hold
 from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
@@ -71,6 +72,10 @@ class STNClassifier(L.LightningModule):
             only the transformer can lower the loss; ``None``: never. With a curriculum
             (``data.clean_epochs``) the classifier first learns upright digits, and while it is frozen
             the transformer must bring distorted ones to that pose.
+        stage_start: one training epoch per stage from which its loc-net learns; before it the loc-net is
+            held (no updates, evaluation mode) and its stage keeps its initial map, the identity for a fresh
+            loc-net (:mod:`stn.curriculum`). ``[0, 5]`` for ``[similarity, tps]``: the TPS joins at epoch 5,
+            once the similarity has learned the pose. ``None``: every stage from epoch 0.
         oracle_pose: the floor of the pose measure, not an unsupervised model: the transformer learns
             from each training image's true distortion instead of the class label (the mean squared
             distance, in digit pixels, between where its output pixels read the upright digit and
@@ -111,6 +116,7 @@ class STNClassifier(L.LightningModule):
         passes: int | Sequence[int] = 1,
         turned_negatives: dict | None = None,
         stage_loc_nets: Sequence[Mapping | None] | None = None,
+        stage_start: Sequence[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -141,7 +147,7 @@ class STNClassifier(L.LightningModule):
         })
         self.angle_slope = torch.nn.ModuleDict({split: AngleSlope() for split in ("val", "test")})
         self._first_val_batch: Tensor | None = None
-        self.freeze_classifier = _check_epoch_range(freeze_classifier)
+        self.freeze_classifier = check_freeze_range(freeze_classifier)
         if self.freeze_classifier and not self.transformer.loc_nets:
             first, end = self.freeze_classifier
             log.warning(
@@ -150,6 +156,7 @@ class STNClassifier(L.LightningModule):
                 "(set model.freeze_classifier=null to silence this; a sweep may keep one curriculum for all models)."
             )
             self.freeze_classifier = None
+        self.stage_start = check_stage_start(stage_start, len(self.transformer.stages))
         self.oracle_pose = bool(oracle_pose)
         self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
         self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_pose)
@@ -179,6 +186,13 @@ class STNClassifier(L.LightningModule):
                 f"classifier stays frozen from epoch {first:g} to the end and never learns the distorted digits. For a "
                 f"short schedule shorten the range too, e.g. model.freeze_classifier=[{first:g},"
                 f"{max(first + 1, last - 1):g}], or set model.freeze_classifier=null."
+            )
+        late = [index for index, start in enumerate(self.stage_start or ()) if last is not None and 0 <= last <= start]
+        if late:
+            log.warning(
+                f"model.stage_start={list(self.stage_start)} starts stage {late[0]} at or after the run's end "
+                f"(trainer.max_epochs={last}): its loc-net never learns and the stage keeps its initial map. Start it "
+                f"earlier, e.g. model.stage_start[{late[0]}]={max(0, last - 1)}, or set model.stage_start=null."
             )
 
     @property
@@ -219,7 +233,7 @@ class STNClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
         images, labels, *extras = batch
-        self._freeze_classifier_in_its_epochs()
+        self._hold_in_their_epochs()
         if self.oracle_pose:
             logits, params, pose_error = self._oracle_step(images, extras[0] if extras else {})
             self.log("train/pose_error", pose_error, on_step=True, on_epoch=False)
@@ -276,15 +290,13 @@ class STNClassifier(L.LightningModule):
         """Whether the classifier gets gradients now (``False`` inside ``freeze_classifier``)."""
         return next(self.classifier.parameters()).requires_grad
 
-    def _freeze_classifier_in_its_epochs(self) -> None:
-        """Freeze the classifier (no gradients, evaluation mode) inside ``freeze_classifier``; thaw it after."""
+    def _hold_in_their_epochs(self) -> None:
+        """Hold the classifier inside ``freeze_classifier`` and each stage's loc-net before its ``stage_start``
+        (:mod:`stn.curriculum`); let them learn otherwise."""
         first, end = self.freeze_classifier or (0, 0)
-        if first <= self.current_epoch < end:  # every step: Lightning puts the module back into training mode
-            self.classifier.requires_grad_(False)
-            self.classifier.eval()
-        elif not self._classifier_learns:  # the frozen epochs are over
-            self.classifier.requires_grad_(True)
-            self.classifier.train()
+        hold(self.classifier, first <= self.current_epoch < end)
+        for loc_net, start in zip(self.transformer.loc_nets, self.stage_start or ()):
+            hold(loc_net, self.current_epoch < start)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.is_last_batch or (batch_idx + 1) % self.trainer.log_every_n_steps == 0:
@@ -492,18 +504,6 @@ def _check_output_size(size: Sequence[int] | None) -> None:
             f"model.output_size must be [H, W] with two positive integers (the size the warped image is "
             f"sampled at), got {size!r}. Set e.g. model.output_size=[28,28], or null for the input size."
         )
-
-
-def _check_epoch_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
-    if epochs is None:
-        return None
-    if isinstance(epochs, str) or len(epochs) != 2 or not all(isinstance(e, (int, float)) for e in epochs) or not 0 <= epochs[0] <= epochs[1]:
-        raise SettingError(
-            f"model.freeze_classifier must be null or [first, end], the training epochs first <= epoch < end "
-            f"in which the classifier is frozen (0 <= first <= end), got {epochs!r}. Set e.g. "
-            "model.freeze_classifier=[1,3]."
-        )
-    return float(epochs[0]), float(epochs[1])
 
 
 def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[str, float]:

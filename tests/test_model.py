@@ -22,6 +22,7 @@ from torchvision.models import ResNet18_Weights
 
 import stn.data.distortions as D
 from stn.classifier import CNNClassifier
+from stn.curriculum import hold
 from stn.divergence import LossWatch
 from stn.equivariance import equivariance_error, random_similarity
 from stn.errors import SettingError
@@ -782,6 +783,57 @@ def test_freezing_the_classifier_of_a_model_without_a_transformer_is_ignored_wit
 def test_an_impossible_freeze_range_names_the_setting(epochs):
     with pytest.raises(SettingError, match=r"model\.freeze_classifier must be null or \[first, end\]"):
         STNClassifier("none", freeze_classifier=epochs)
+
+
+def test_a_stage_before_its_start_epoch_keeps_the_identity_and_learns_from_it(monkeypatch):
+    """model.stage_start=[0, 2]: the TPS stage's loc-net gets no gradient (batch norm in evaluation mode) in
+    epochs 0-1 and keeps mapping the control points to themselves while the rest learns; from epoch 2 it
+    learns too."""
+    torch.manual_seed(0)
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_start=[0, 2])
+    first, second = model.transformer.loc_nets
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, labels = images(4), torch.tensor([1, 2, 3, 4])
+    identity = model.transformer.target_points.expand(4, -1, -1)
+    for epoch, held in ((0, True), (1, True), (2, False), (3, False)):
+        monkeypatch.setattr(STNClassifier, "current_epoch", property(lambda self, e=epoch: e))
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        model.training_step((x, labels), 0).backward()
+        assert all(p.grad is None for p in second.parameters()) == held, epoch
+        assert second.training == (not held), epoch
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters()), epoch
+        assert all(p.grad is not None for p in model.classifier.parameters()), epoch
+        optimizer.step()
+        with torch.no_grad():
+            tps_points = model.eval().transformer.localize(x)[1]
+        assert torch.equal(tps_points, identity) == held, epoch
+
+
+def test_a_held_loc_net_with_a_frozen_backbone_thaws_only_its_head():
+    model = STNClassifier(["similarity", "tps"], loc_net={**CHEAP, "freeze_backbone": True}, stage_start=[0, 1])
+    second = model.transformer.loc_nets[1]
+    hold(second, True)
+    assert not any(p.requires_grad for p in second.parameters())
+    hold(second, False)
+    assert all(p.requires_grad for p in second.head.parameters())
+    assert not any(p.requires_grad for p in second.backbone.parameters())
+    assert not second.backbone.training
+
+
+@pytest.mark.parametrize("starts", [[0], [0, -1], [0, 1.5], "0,5", [True, 2]])
+def test_an_impossible_stage_start_names_the_setting(starts):
+    with pytest.raises(SettingError, match=r"model\.stage_start must be null or one epoch per stage .*\(2 here\)"):
+        STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_start=starts)
+
+
+def test_a_stage_start_at_the_runs_end_warns_with_the_fix(caplog):
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_start=[0, 3])
+    model._trainer = SimpleNamespace(max_epochs=3)
+    with caplog.at_level("WARNING", logger="stn.module"):
+        model.on_fit_start()
+    assert "model.stage_start=[0, 3] starts stage 1 at or after the run's end (trainer.max_epochs=3)" in caplog.text
+    assert "model.stage_start[1]=2" in caplog.text
 
 
 # ---------------------------------------------------------------- oracle pose (the floor)

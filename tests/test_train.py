@@ -277,13 +277,14 @@ def test_cnn_experiment_with_fast_dev_run(tmp_path):
 
 
 def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny_run):
-    """The levers of the recipes are config values: chain, pooling, curriculum, a loc-net per stage; r has no
-    shift to undo."""
-    run, _ = run_script(
+    """The levers of the recipes are config values: chain, pooling, curriculum, a loc-net per stage, when each
+    stage starts learning; r has no shift to undo."""
+    run, output = run_script(
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
-        "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,1]",
+        "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,2]",
         "model.loc_net.head_norm=true", "model.stage_loc_nets=[{backbone: mobilenet_v3_small, feature_node: features.2},{}]",
+        "trainer.max_epochs=2", "model.stage_start=[0,2]",
     )
     summary = read_metrics(run)
     config, metrics = summary["config"], summary["metrics"]
@@ -300,6 +301,12 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert config["model"]["stage_loc_nets"] == [{"backbone": "mobilenet_v3_small", "feature_node": "features.2"}, {}]
     assert "transformer.stages.0.loc_net.backbone.body.features.0.0.weight" in state  # mobilenet_v3_small's stem
     assert "transformer.stages.1.loc_net.backbone.body.conv1.0.weight" in state  # the recipe's shufflenet
+    # the TPS stage starts at epoch 2 of 2: held all run, it still maps its control points to themselves
+    assert "model.stage_start=[0, 2] starts stage 1 at or after the run's end" in output
+    assert not state["transformer.stages.1.loc_net.head.3.weight"].any()
+    assert state["transformer.stages.0.loc_net.head.3.weight"].any()
+    held = [value for key, value in state.items() if key.startswith("transformer.stages.1.") and key.endswith("num_batches_tracked")]
+    assert held and all(int(count) == 0 for count in held), "the held loc-net's batch norm saw no batch"
 
 
 def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):

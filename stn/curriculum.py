@@ -1,0 +1,61 @@
+"""Which networks learn in which training epoch.
+
+``freeze_classifier`` holds the classifier fixed inside an epoch range, so that only the transformer
+can lower the loss. ``stage_start`` lets each transformer stage's loc-net learn from an epoch of its
+own: before it the stage keeps its initial map (the identity for a fresh loc-net, whose last layer
+starts at zero), so that a later stage (a TPS) joins once the stages before it have learned the pose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from stn.errors import SettingError
+
+__all__ = ["check_freeze_range", "check_stage_start", "hold"]
+
+
+def check_freeze_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
+    """``model.freeze_classifier`` as ``(first, end)``: the training epochs ``first <= epoch < end``."""
+    if epochs is None:
+        return None
+    if isinstance(epochs, str) or len(epochs) != 2 or not all(isinstance(e, (int, float)) for e in epochs) or not 0 <= epochs[0] <= epochs[1]:
+        raise SettingError(
+            f"model.freeze_classifier must be null or [first, end], the training epochs first <= epoch < end "
+            f"in which the classifier is frozen (0 <= first <= end), got {epochs!r}. Set e.g. "
+            "model.freeze_classifier=[1,3]."
+        )
+    return float(epochs[0]), float(epochs[1])
+
+
+def check_stage_start(starts: Sequence[int] | None, stages: int) -> tuple[int, ...] | None:
+    """``model.stage_start``: one training epoch per stage from which its loc-net learns."""
+    if starts is None:
+        return None
+    if (
+        isinstance(starts, str) or len(starts) != stages
+        or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in starts)
+    ):
+        raise SettingError(
+            f"model.stage_start must be null or one epoch per stage of model.transform ({stages} here), each an "
+            f"integer >= 0 from which that stage's loc-net learns (before it the stage keeps its initial map), "
+            f"got {starts!r}. Set e.g. model.stage_start=[0,5] for [similarity,tps], or null: every stage from "
+            "epoch 0."
+        )
+    return tuple(starts)
+
+
+def hold(network: nn.Module, held: bool) -> None:
+    """Hold ``network`` fixed (no gradients; batch norm and dropout in evaluation mode) or let it learn.
+
+    Called every training step (Lightning puts the whole module back into training mode each epoch);
+    a network let go after being held learns again with the gradients it had before.
+    """
+    if held:
+        network.requires_grad_(False)
+        network.eval()
+    elif not any(p.requires_grad for p in network.parameters()):
+        network.requires_grad_(True)
+        network.train()
