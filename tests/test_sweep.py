@@ -158,6 +158,16 @@ def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden()
         assert wide[group] == base[group], group
 
 
+def test_the_r_experiment_is_the_resnet18_recipe_on_r_with_the_tps_joining_at_the_thaw():
+    wide, r = compose_train("+experiment=mnist_tps_resnet18"), compose_train("+experiment=mnist_tps_r")
+    assert (r.data.distortion, list(r.model.stage_start)) == ("r", [0, 5])
+    assert r.model.stage_start[1] == r.model.freeze_classifier[1]  # the TPS joins when the classifier thaws
+    wide, r = (OmegaConf.to_container(cfg, resolve=False) for cfg in (wide, r))
+    del wide["data"]["distortion"], r["data"]["distortion"], wide["model"]["stage_start"], r["model"]["stage_start"]
+    for group in ("data", "model", "trainer", "callbacks"):
+        assert r[group] == wide[group], group
+
+
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
     """The launcher config composes, instantiates, and submitit turns it into the sbatch header.
 
