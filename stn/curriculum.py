@@ -50,8 +50,9 @@ def check_stage_start(starts: Sequence[int] | None, stages: int) -> tuple[int, .
 def hold(network: nn.Module, held: bool) -> None:
     """Hold ``network`` fixed (no gradients; batch norm and dropout in evaluation mode) or let it learn.
 
-    Called every training step (Lightning puts the whole module back into training mode each epoch);
-    a network let go after being held learns again with the gradients it had before.
+    Called every training step (Lightning puts the whole module back into training mode each epoch).
+    A network let go gets its gradients back (a :class:`~stn.localization.LocalizationNet` with
+    ``freeze_backbone`` keeps its backbone frozen).
     """
     if held:
         network.requires_grad_(False)
