@@ -792,7 +792,7 @@ def test_a_stage_before_its_start_epoch_keeps_the_identity_and_learns_from_it(mo
     torch.manual_seed(0)
     model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, stage_start=[0, 2])
     first, second = model.transformer.loc_nets
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, labels = images(4), torch.tensor([1, 2, 3, 4])
     identity = model.transformer.target_points.expand(4, -1, -1)
     for epoch, held in ((0, True), (1, True), (2, False), (3, False)):
