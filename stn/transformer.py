@@ -259,13 +259,14 @@ def _stage_loc_net_settings(
     loc_net: dict, stage_loc_nets: Sequence[Mapping | None] | None, kinds: list[str]
 ) -> list[dict]:
     """Each stage's loc-net keyword arguments: ``loc_net`` updated by that stage's overrides."""
-    names = set(inspect.signature(LocalizationNet).parameters) - {"initial", *SHARED_LOC_NET_SETTINGS}
-    unknown = sorted(set(loc_net) - names - set(SHARED_LOC_NET_SETTINGS))
+    accepted = set(inspect.signature(LocalizationNet).parameters) - {"initial"}
+    unknown = sorted(set(loc_net) - accepted)
     if unknown:
         raise SettingError(
             f"model.loc_net sets {', '.join(unknown)}, which a loc-net does not take. Remove it or fix its name; "
-            f"model.loc_net may set {', '.join(sorted(names | set(SHARED_LOC_NET_SETTINGS)))}."
+            f"model.loc_net may set {', '.join(sorted(accepted))}."
         )
+    names = accepted - set(SHARED_LOC_NET_SETTINGS)  # what one stage's mapping may override
     if stage_loc_nets is None:
         return [dict(loc_net) for _ in kinds]
     overrides = [dict(stage or {}) for stage in stage_loc_nets]
