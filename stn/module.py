@@ -41,7 +41,9 @@ class STNClassifier(L.LightningModule):
     ``val/pose/angle``, ``.../angle_identity``, ``.../angle_left`` and the same for ``log_scale``,
     ``shift`` and ``residual``, ``.../lost`` (the share of images whose output reads under
     :data:`~stn.pose.MIN_READ` pixels of the digit's frame, left out of the spreads), and where the distortion
-    turns the digits ``.../angle_slope`` and ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`). Once per validation it logs the loc-nets' health on the first
+    turns the digits ``.../angle_slope`` and ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`); for a
+    transformer of several passes, what its first ``k`` passes alone leave, ``.../stage<k>/angle_left`` (and
+    ``log_scale``, ``shift``, ``residual`` where the distortion has them). Once per validation it logs the loc-nets' health on the first
     validation batch: the spread of each stage's predicted parameters (``loc/stage<k>/param_std``) and
     the share of its head's hidden units that are dead on every image (``loc/stage<k>/dead_units``).
 
@@ -143,7 +145,8 @@ class STNClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run knows its best
         self.pose = torch.nn.ModuleDict({
-            f"{split}_{which}": PoseSpread() for split in ("val", "test") for which in ("after", "identity")
+            f"{split}_{which}": PoseSpread()
+            for split in ("val", "test") for which in ("after", "identity", *self._partial_stages)
         })
         self.angle_slope = torch.nn.ModuleDict({split: AngleSlope() for split in ("val", "test")})
         self._first_val_batch: Tensor | None = None
@@ -317,20 +320,31 @@ class STNClassifier(L.LightningModule):
 
     def _eval_step(self, batch: tuple, split: str, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
         images, labels, *extras = batch
-        logits, _, grid = self._step(images)
+        logits, params, grid = self._step(images)
         mean_loss(F.cross_entropy(logits, labels), weight=labels.numel())
         acc(logits, labels)
         if extras and extras[0]:
-            self._update_pose(images, grid, extras[0], split)
+            self._update_pose(images, params, grid, extras[0], split)
 
-    def _update_pose(self, images: Tensor, grid: Tensor, digit_map: dict[str, Tensor], split: str) -> None:
-        """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer
-        and for the identity, over the images whose output shows the digit (the others are lost)."""
+    @property
+    def _partial_stages(self) -> list[str]:
+        """``stage1`` ... ``stage<n-1>`` for a transformer of ``n`` passes: the poses measured after its first
+        passes alone (``[]`` for one pass or none)."""
+        return [f"stage{index}" for index in range(1, len(self.transformer.passes))]
+
+    def _update_pose(
+        self, images: Tensor, params: list[Tensor], grid: Tensor, digit_map: dict[str, Tensor], split: str
+    ) -> None:
+        """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer,
+        after each of its first passes alone and for the identity, over the images whose output (after the
+        whole transformer) shows the digit (the others are lost)."""
         batch, height, width = grid.shape[:3]
         identity = self.transformer.compose([], (height, width), images)
         output = identity[:1].reshape(1, -1, 2)  # output pixel positions, normalised
+        partial = [(name, self.transformer.compose(params[:index], (height, width), images))
+                   for index, name in enumerate(self._partial_stages, start=1)]
         digits = {which: to_digit(sampled.reshape(batch, -1, 2).float(), digit_map)
-                  for which, sampled in (("after", grid), ("identity", identity))}
+                  for which, sampled in (("after", grid), ("identity", identity), *partial)}
         weights = {which: frame_weights(digit) for which, digit in digits.items()}
         keep = weights["after"].sum(1) >= MIN_READ
         angles = {}
@@ -349,6 +363,12 @@ class STNClassifier(L.LightningModule):
             report.update({name: float(value) for name, value in self.angle_slope[split].compute().items()})
         for name, value in report.items():
             self.log(f"{split}/pose/{name}", value)
+        for stage in self._partial_stages:
+            partial = self.pose[f"{split}_{stage}"]
+            for name, value in pose_report(partial.compute(), identity.compute()).items():
+                if name.endswith("_left"):
+                    self.log(f"{split}/pose/{stage}/{name}", value)
+            partial.reset()
         after.reset()
         identity.reset()
         self.angle_slope[split].reset()

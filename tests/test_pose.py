@@ -162,6 +162,32 @@ def test_the_module_reports_ratio_one_for_an_identity_transformer():
     assert logged["test/pose/lost"] == 0.0
 
 
+def test_the_module_reports_what_the_first_passes_alone_leave():
+    """Two affine stages, one handed the exact inverse of each RTS image's distortion (the digit map's
+    homography inverted: output pixel p reads where digit pixel 14 p lies), the other the identity. Either way
+    the whole transformer leaves ~0; the first stage alone leaves ~0 when it holds the inverse and the whole
+    spread (1) when it is the identity."""
+    params = dataset_params("rts", 64, seed=3)
+    maps = {key: value.float() for key, value in digit_map("rts", params).items()}
+    model = STNClassifier(["affine", "affine"], output_size=(28, 28),
+                          loc_net={"backbone": "resnet18", "weights": None, "input_size": 16}).eval()
+    images = torch.rand(64, 1, 42, 42)
+    inverse = torch.linalg.inv(maps["homography"].double()) @ torch.diag(torch.tensor([14.0, 14.0, 1.0], dtype=torch.float64))
+    inverse = inverse / inverse[:, 2:, 2:]
+    assert inverse[:, 2, :2].abs().max() < 1e-9  # RTS is affine
+    theta, identity = inverse[:, :2].float(), torch.eye(2, 3).expand(64, 2, 3)
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    for stage_params, first_left in (([theta, identity], 0.0), ([identity, theta], 1.0)):
+        grid = model.transformer.grid(stage_params, images)
+        model._update_pose(images, stage_params, grid, maps, "test")
+        model._log_pose("test")
+        for spread in ("angle", "log_scale", "shift"):
+            assert logged[f"test/pose/{spread}_left"] == pytest.approx(0.0, abs=1e-3)
+            assert logged[f"test/pose/stage1/{spread}_left"] == pytest.approx(first_left, abs=1e-3)
+    assert not any(name.startswith("test/pose/stage2") for name in logged)
+
+
 def test_outputs_that_read_none_of_the_image_are_lost_and_left_out_of_the_spreads():
     """Half the outputs read the image through the identity grid, half look 100x zoomed out (no pixel
     inside the image): lost = 0.5, and the spreads are those of the first half alone."""
@@ -173,16 +199,16 @@ def test_outputs_that_read_none_of_the_image_are_lost_and_left_out_of_the_spread
     away = torch.cat([identity[:32], 100 * identity[32:] + 300])
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
-    model._update_pose(images, away, maps, "test")
+    model._update_pose(images, [], away, maps, "test")
     model._log_pose("test")
     half = {key: value[:32] for key, value in maps.items()}
-    model._update_pose(images[:32], identity[:32], half, "val")
+    model._update_pose(images[:32], [], identity[:32], half, "val")
     model._log_pose("val")
     assert logged["test/pose/lost"] == 0.5 and logged["val/pose/lost"] == 0.0
     for spread in ("angle", "log_scale", "shift", "residual"):
         assert logged[f"test/pose/{spread}"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
         assert logged[f"test/pose/{spread}_identity"] == pytest.approx(logged[f"val/pose/{spread}"], rel=1e-6)
-    model._update_pose(images, 100 * identity + 300, maps, "val")  # every output looks away
+    model._update_pose(images, [], 100 * identity + 300, maps, "val")  # every output looks away
     model._log_pose("val")
     assert logged["val/pose/lost"] == 1.0 and math.isnan(logged["val/pose/angle"])
 
