@@ -84,6 +84,7 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     pose |= {f"{split}/pose/residual{suffix}" for split in ("val", "test") for suffix in ("", "_identity")}
     pose |= {f"{split}/pose/angle_{name}" for split in ("val", "test") for name in ("slope", "scatter")}
     pose |= {f"{split}/pose/lost" for split in ("val", "test")}
+    pose |= {f"{split}/pose/stage1/{name}_left" for split in ("val", "test") for name in ("angle", "log_scale", "shift")}
     split = {f"test/pose_split/{name}_{part}" for name in ("angle", "log_scale", "shift")
              for part in ("drawn", "within", "between", "within_left", "between_left")}
     split |= {f"test/pose_split/{name}" for name in ("digits", "draws", "lost", "angle_within_slope", "angle_slant_r",
@@ -123,7 +124,8 @@ def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
     # what the transformer learned, per validation and at test, as in metrics.json
     metrics = read_metrics(tps_run)["metrics"]
     for tag in ("val/pose/angle_left", "val/pose/shift_left", "val/pose/log_scale_left", "test/pose/angle_left",
-                "val/pose/angle_slope", "test/pose/angle_scatter"):
+                "val/pose/angle_slope", "test/pose/angle_scatter", "val/pose/stage1/angle_left",
+                "test/pose/stage1/shift_left"):
         assert tensorboard.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-5), tag
     assert len(tensorboard.Scalars("val/pose/angle_left")) == 2  # once per epoch
     # loc-net health of both stages, once per epoch
