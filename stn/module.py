@@ -347,25 +347,24 @@ class STNClassifier(L.LightningModule):
                   for which, sampled in (("after", grid), ("identity", identity), *partial)}
         weights = {which: frame_weights(digit) for which, digit in digits.items()}
         keep = weights["after"].sum(1) >= MIN_READ
-        angles = {}
-        for which, digit in digits.items():
-            fit = fit_similarity(output.float(), digit, weights[which])
+        fits = {which: fit_similarity(output.float(), digit, weights[which]) for which, digit in digits.items()}
+        for which, fit in fits.items():
             self.pose[f"{split}_{which}"].update(fit, keep)
-            angles[which] = fit["angle"][keep]
-        self.angle_slope[split].update(angles["after"], angles["identity"])
+        self.angle_slope[split].update(fits["after"]["angle"][keep], fits["identity"]["angle"][keep])
 
     def _log_pose(self, split: str) -> None:
         after, identity = self.pose[f"{split}_after"], self.pose[f"{split}_identity"]
         if int(after.count + after.lost) == 0:  # no batch carried digit maps
             return
-        report = pose_report(after.compute(), identity.compute())
+        drawn = identity.compute()
+        report = pose_report(after.compute(), drawn)
         if "angle_left" in report:  # a distortion that turns the digits: how the angle left follows the one drawn
             report.update({name: float(value) for name, value in self.angle_slope[split].compute().items()})
         for name, value in report.items():
             self.log(f"{split}/pose/{name}", value)
         for stage in self._partial_stages:
             partial = self.pose[f"{split}_{stage}"]
-            for name, value in pose_report(partial.compute(), identity.compute()).items():
+            for name, value in pose_report(partial.compute(), drawn).items():
                 if name.endswith("_left"):
                     self.log(f"{split}/pose/{stage}/{name}", value)
             partial.reset()
