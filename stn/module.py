@@ -43,9 +43,10 @@ class STNClassifier(L.LightningModule):
     :data:`~stn.pose.MIN_READ` pixels of the digit's frame, left out of the spreads), and where the distortion
     turns the digits ``.../angle_slope`` and ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`); for a
     transformer of several passes, what its first ``k`` passes alone leave, ``.../stage<k>/angle_left`` (and
-    ``log_scale``, ``shift``, ``residual`` where the distortion has them). Once per validation it logs the loc-nets' health on the first
-    validation batch: the spread of each stage's predicted parameters (``loc/stage<k>/param_std``) and
-    the share of its head's hidden units that are dead on every image (``loc/stage<k>/dead_units``).
+    ``log_scale``, ``shift``, ``residual`` where the distortion has them). Once per validation it logs the
+    loc-nets' health on the first validation batch: the spread of each stage's predicted parameters
+    (``loc/stage<k>/param_std``) and the share of its head's hidden units that are dead on every image
+    (``loc/stage<k>/dead_units``).
 
     Args:
         transform: ``"tps"``, ``"affine"``, ``"similarity"``, a list of them composed in order (e.g.

@@ -172,7 +172,8 @@ def test_the_module_reports_what_the_first_passes_alone_leave():
     model = STNClassifier(["affine", "affine"], output_size=(28, 28),
                           loc_net={"backbone": "resnet18", "weights": None, "input_size": 16}).eval()
     images = torch.rand(64, 1, 42, 42)
-    inverse = torch.linalg.inv(maps["homography"].double()) @ torch.diag(torch.tensor([14.0, 14.0, 1.0], dtype=torch.float64))
+    to_digit_pixels = torch.diag(torch.tensor([14.0, 14.0, 1.0], dtype=torch.float64))
+    inverse = torch.linalg.inv(maps["homography"].double()) @ to_digit_pixels
     inverse = inverse / inverse[:, 2:, 2:]
     assert inverse[:, 2, :2].abs().max() < 1e-9  # RTS is affine
     theta, identity = inverse[:, :2].float(), torch.eye(2, 3).expand(64, 2, 3)
