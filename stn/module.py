@@ -58,7 +58,8 @@ class STNClassifier(L.LightningModule):
         padding_mode: ``grid_sample`` padding for reads outside the image.
         loc_net: keyword arguments of :class:`~stn.localization.LocalizationNet`, shared by every stage.
         stage_loc_nets: one mapping per stage overriding ``loc_net`` for that stage's loc-net (``{}``: as
-            ``loc_net``), e.g. a wider backbone for the first stage only; ``None``: ``loc_net`` everywhere.
+            ``loc_net``), e.g. a wider backbone or its own ``lr_mult`` for the first stage only; ``None``:
+            ``loc_net`` everywhere.
         tps: ``rows``, ``cols``, ``margin`` of the TPS control-point layout.
         classifier: keyword arguments of :class:`~stn.classifier.CNNClassifier`.
         bending_weight: weight of the mean TPS bending energy added to the loss (``tps`` only).
@@ -413,9 +414,10 @@ class STNClassifier(L.LightningModule):
                 log.warning(
                     "Every hidden unit of the loc-net head of stage %d is dead (zero on every validation image): "
                     "it predicts one transform for all images and cannot learn any more. Set "
-                    "model.loc_net.head_norm=true (a LayerNorm keeps about half the units firing), lower "
-                    "model.loc_net.lr_mult (now %s) or model.optimizer.lr, or set model.loc_net.hidden=0.",
-                    index, self.transformer.loc_nets[index - 1].lr_mult,
+                    "model.loc_net.head_norm=true (a LayerNorm keeps about half the units firing), lower the "
+                    "stage's lr_mult (model.loc_net.lr_mult or model.stage_loc_nets[%d].lr_mult, now %s) or "
+                    "model.optimizer.lr, or set model.loc_net.hidden=0.",
+                    index, index - 1, self.transformer.loc_nets[index - 1].lr_mult,
                 )
 
     def _log_images(self, images: Tensor) -> None:
@@ -450,19 +452,24 @@ class STNClassifier(L.LightningModule):
 
         The loc-net head runs at ``lr * loc_net.lr_mult`` without weight decay (decay would pull
         its bias, the identity control points, towards zero); the backbone at
-        ``lr * loc_net.lr_mult * loc_net.backbone_lr_mult``. Frozen parameters are left out.
+        ``lr * loc_net.lr_mult * loc_net.backbone_lr_mult``. Stages whose loc-nets learn at different
+        rates (``stage_loc_nets``) get a head and a backbone group each, ``loc_head/stage<k>`` and
+        ``loc_backbone/stage<k>``. Frozen parameters are left out.
         """
         lr = float(self.optimizer_config["lr"])
         groups = [{"name": "classifier", "params": list(self.classifier.parameters()), "lr": lr}]
         loc_nets = self.transformer.loc_nets
-        if loc_nets:
-            first = loc_nets[0]
-            heads = [p for loc_net in loc_nets for p in loc_net.head.parameters()]
-            groups.append({"name": "loc_head", "params": heads, "lr": lr * first.lr_mult, "weight_decay": 0.0})
-            backbone = [p for loc_net in loc_nets for p in loc_net.backbone.parameters() if p.requires_grad]
+        shared = len({(net.lr_mult, net.backbone_lr_mult) for net in loc_nets}) == 1
+        stages = [("", loc_nets)] if shared else [(f"/stage{k}", [net]) for k, net in enumerate(loc_nets, start=1)]
+        for suffix, nets in stages:
+            rate = lr * nets[0].lr_mult
+            heads = [p for net in nets for p in net.head.parameters()]
+            groups.append({"name": f"loc_head{suffix}", "params": heads, "lr": rate, "weight_decay": 0.0})
+            backbone = [p for net in nets for p in net.backbone.parameters() if p.requires_grad]
             if backbone:
-                groups.append({"name": "loc_backbone", "params": backbone,
-                               "lr": lr * first.lr_mult * first.backbone_lr_mult})
+                groups.append(
+                    {"name": f"loc_backbone{suffix}", "params": backbone, "lr": rate * nets[0].backbone_lr_mult}
+                )
         return groups
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:

@@ -37,7 +37,6 @@ __all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_the
 TRANSFORMS = ("tps", "affine", "similarity", "none")
 STAGE_KINDS = ("tps", "affine", "similarity")
 IDENTITY_THETA = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-SHARED_LOC_NET_SETTINGS = ("lr_mult", "backbone_lr_mult")  # one learning rate for every stage's loc-net
 
 
 def similarity_theta(params: Tensor) -> Tensor:
@@ -100,7 +99,7 @@ class SpatialTransformer(nn.Module):
             shared by every stage's loc-net.
         stage_loc_nets: one mapping per stage that overrides ``loc_net`` for that stage's loc-net (``{}``
             or ``None``: the shared settings), e.g. a wider backbone for the first stage only;
-            ``None``: every stage uses ``loc_net``. The learning-rate multipliers stay shared.
+            ``None``: every stage uses ``loc_net``. A stage may set its own ``lr_mult`` and ``backbone_lr_mult``.
         rows, cols, margin: the TPS target-point layout (:func:`~stn.tps.grid_points`); without a
             TPS stage the same layout is only used to draw control points.
         output_size: ``(H', W')`` of the warped image; ``None`` keeps the input size.
@@ -266,7 +265,6 @@ def _stage_loc_net_settings(
             f"model.loc_net sets {', '.join(unknown)}, which a loc-net does not take. Remove it or fix its name; "
             f"model.loc_net may set {', '.join(sorted(accepted))}."
         )
-    names = accepted - set(SHARED_LOC_NET_SETTINGS)  # what one stage's mapping may override
     if stage_loc_nets is None:
         return [dict(loc_net) for _ in kinds]
     overrides = [dict(stage or {}) for stage in stage_loc_nets]
@@ -278,16 +276,10 @@ def _stage_loc_net_settings(
             "everywhere."
         )
     for index, override in enumerate(overrides):
-        shared = sorted(set(override) & set(SHARED_LOC_NET_SETTINGS))
-        if shared:
-            raise SettingError(
-                f"model.stage_loc_nets[{index}] sets {', '.join(shared)}, which every loc-net shares (one learning "
-                f"rate for all of them). Remove it from the stage's mapping and set model.loc_net.{shared[0]} instead."
-            )
-        unknown = sorted(set(override) - names)
+        unknown = sorted(set(override) - accepted)
         if unknown:
             raise SettingError(
                 f"model.stage_loc_nets[{index}] sets {', '.join(unknown)}, which a loc-net does not take. Remove it; "
-                f"a stage's mapping may set {', '.join(sorted(names))}."
+                f"a stage's mapping may set {', '.join(sorted(accepted))}."
             )
     return [{**loc_net, **override} for override in overrides]

@@ -285,7 +285,8 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
         "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,2]",
-        "model.loc_net.head_norm=true", "model.stage_loc_nets=[{backbone: mobilenet_v3_small, feature_node: features.2},{}]",
+        "model.loc_net.head_norm=true",
+        "model.stage_loc_nets=[{backbone: mobilenet_v3_small, feature_node: features.2, lr_mult: 2.0},{}]",
         "trainer.max_epochs=2", "model.stage_start=[0,2]",
     )
     summary = read_metrics(run)
@@ -300,7 +301,14 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert tracked and all(int(count) == 0 for count in tracked), "the frozen classifier's batch norm saw no batch"
     norms = [key for key in state if key.startswith("transformer.stages.") and key.endswith("head.1.weight")]
     assert len(norms) == 2 and all(state[key].shape == (64,) for key in norms)  # a LayerNorm in each stage's head
-    assert config["model"]["stage_loc_nets"] == [{"backbone": "mobilenet_v3_small", "feature_node": "features.2"}, {}]
+    assert config["model"]["stage_loc_nets"] == [
+        {"backbone": "mobilenet_v3_small", "feature_node": "features.2", "lr_mult": 2.0}, {}]
+    tensorboard = events(run)
+    rates = {tag.split("/", 1)[1]: [event.value for event in tensorboard.Scalars(tag)]
+             for tag in tensorboard.Tags()["scalars"] if tag.startswith("lr-")}
+    assert set(rates) == {"classifier", *(f"loc_{part}/stage{k}" for part in ("head", "backbone") for k in (1, 2))}
+    for stage1, stage2 in zip(rates["loc_head/stage1"], rates["loc_head/stage2"], strict=True):  # lr_mult 2 against 1
+        assert stage1 == pytest.approx(2 * stage2)
     assert "transformer.stages.0.loc_net.backbone.body.features.0.0.weight" in state  # mobilenet_v3_small's stem
     assert "transformer.stages.1.loc_net.backbone.body.conv1.0.weight" in state  # the recipe's shufflenet
     # the TPS stage starts at epoch 2 of 2: held all run, it still maps its control points to themselves
