@@ -9,6 +9,8 @@ diverged run stops within ``trainer.log_every_n_steps`` steps and never saves di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,15 +42,22 @@ class LossWatch:
         return None if step < 0 else (loss, int(epoch), int(step))
 
 
-def diverged_error(loss: float, epoch: int, step: int, lr: float, lr_mult: float | None, checkpoint: str) -> DivergedError:
+def diverged_error(
+    loss: float, epoch: int, step: int, lr: float, lr_mults: Sequence[float], checkpoint: str
+) -> DivergedError:
     """The one-paragraph error for a loss that became ``loss`` at ``epoch``/``step``: the usual cause and
-    the settings that fix it (``lr_mult`` is the loc-net's, ``None`` without a transformer), and where to
-    resume (``checkpoint``: the last one saved before it, or ``""``)."""
-    if lr_mult is not None:
+    the settings that fix it (``lr_mults``: each stage's loc-net ``lr_mult``, empty without a transformer),
+    and where to resume (``checkpoint``: the last one saved before it, or ``""``)."""
+    if lr_mults:
+        if len(set(lr_mults)) == 1:
+            rates = f"model.loc_net.lr_mult (now {lr_mults[0]})"
+        else:
+            now = ", ".join(f"stage {k} {mult}" for k, mult in enumerate(lr_mults, start=1))
+            rates = f"the loc-nets' lr_mult (model.loc_net.lr_mult or model.stage_loc_nets[k].lr_mult; now {now})"
         cause = (
             "The usual cause is a localization network that moves too fast: its predicted transform runs "
             "off the image, the sampling grid folds and the classifier diverges (the loc/stage<k>/param_std "
-            f"curves in TensorBoard rise steeply before it). Lower model.loc_net.lr_mult (now {lr_mult}) or "
+            f"curves in TensorBoard rise steeply before it). Lower {rates} or "
             f"model.optimizer.lr (now {lr}), keep a hidden layer in the loc-net head (model.loc_net.hidden > 0), "
             "set trainer.gradient_clip_val (e.g. 1.0), set model.loc_net.bounded=true (with model.tps.margin > 0), "
             "or add model.bending_weight > 0."

@@ -316,7 +316,7 @@ class STNClassifier(L.LightningModule):
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
         last = callback.last_model_path if callback else ""  # named before it is written: keep it only once it is
         raise diverged_error(
-            *first, lr=self.optimizer_config.get("lr"), lr_mult=loc_nets[0].lr_mult if loc_nets else None,
+            *first, lr=self.optimizer_config.get("lr"), lr_mults=[net.lr_mult for net in loc_nets],
             checkpoint=last if last and os.path.isfile(last) else "",
         )
 

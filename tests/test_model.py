@@ -378,12 +378,14 @@ def _fit(model: STNClassifier, batches: list[torch.Tensor], tmp_path, **trainer)
     return fit
 
 
-@pytest.mark.parametrize(("transform", "settings"), [
-    ("affine", r"model\.loc_net\.lr_mult \(now 1\.0\).*model\.optimizer\.lr \(now 0\.001\)"),
-    ("none", r"lower model\.optimizer\.lr \(now 0\.001\)"),
+@pytest.mark.parametrize(("transform", "stage_loc_nets", "settings"), [
+    ("affine", None, r"model\.loc_net\.lr_mult \(now 1\.0\).*model\.optimizer\.lr \(now 0\.001\)"),
+    (["similarity", "affine"], [{"lr_mult": 0.5}, {}],
+     r"model\.stage_loc_nets\[k\]\.lr_mult; now stage 1 0\.5, stage 2 1\.0\) or model\.optimizer\.lr"),
+    ("none", None, r"lower model\.optimizer\.lr \(now 0\.001\)"),
 ])
-def test_nan_loss_names_the_step_the_cause_and_the_settings(tmp_path, transform, settings):
-    model = STNClassifier(transform, loc_net=CHEAP)
+def test_nan_loss_names_the_step_the_cause_and_the_settings(tmp_path, transform, stage_loc_nets, settings):
+    model = STNClassifier(transform, loc_net=CHEAP, stage_loc_nets=stage_loc_nets)
     batches = [images(2, seed=seed) for seed in range(4)]
     batches[1][0, 0, 0, 0] = float("nan")  # step 1; logging every 50 steps, so it is found at the epoch's end
     with pytest.raises(FloatingPointError, match=rf"loss is nan at epoch 0, step 1\. .*{settings}.*No checkpoint was saved before it\."):
