@@ -295,7 +295,8 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert config["data"]["clean_epochs"] == 0.5 and config["data"]["growth_epochs"] == 1
     assert 40 < metrics["test/pose/angle_identity"] < 70  # U(-90°, 90°)
     assert "test/pose/angle_left" in metrics and "test/pose/shift_left" not in metrics
-    assert "test/pose/angle_left" in events(run).Tags()["scalars"]
+    tensorboard = events(run)
+    assert "test/pose/angle_left" in tensorboard.Tags()["scalars"]
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     tracked = [value for key, value in state.items() if key.startswith("classifier.") and key.endswith("num_batches_tracked")]
     assert tracked and all(int(count) == 0 for count in tracked), "the frozen classifier's batch norm saw no batch"
@@ -303,7 +304,6 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert len(norms) == 2 and all(state[key].shape == (64,) for key in norms)  # a LayerNorm in each stage's head
     assert config["model"]["stage_loc_nets"] == [
         {"backbone": "mobilenet_v3_small", "feature_node": "features.2", "lr_mult": 2.0}, {}]
-    tensorboard = events(run)
     rates = {tag.split("/", 1)[1]: [event.value for event in tensorboard.Scalars(tag)]
              for tag in tensorboard.Tags()["scalars"] if tag.startswith("lr-")}
     assert set(rates) == {"classifier", *(f"loc_{part}/stage{k}" for part in ("head", "backbone") for k in (1, 2))}
