@@ -261,7 +261,7 @@ class STNClassifier(L.LightningModule):
             loss = loss + self.bending_weight * bending
         self._losses.record(loss, self.current_epoch, self.global_step)
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

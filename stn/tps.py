@@ -133,6 +133,7 @@ def _check_size(size: tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def _check_source_points(source_points: Tensor, count: int) -> None:
+    """Shape and dtype of ``(N, T, 2)`` source points; their values are not read (no device sync)."""
     if source_points.ndim != 3 or source_points.shape[1:] != (count, 2):
         raise SettingError(
             f"source_points must have shape (N, {count}, 2) to match the {count} target points, got "
@@ -141,6 +142,10 @@ def _check_source_points(source_points: Tensor, count: int) -> None:
         )
     if not source_points.is_floating_point():
         raise SettingError(f"source_points must be a floating-point tensor, got {source_points.dtype}.")
+
+
+def _check_finite(source_points: Tensor) -> None:
+    """Refuse NaN or infinite source points (reads them back: one device sync)."""
     if not torch.isfinite(source_points).all():
         raise SettingError(
             "source_points contain NaN or infinity. If they come from a localization network, its "
@@ -169,12 +174,18 @@ class TPSGridGen(nn.Module):
     ``(2N, T) @ (T, H*W)`` that writes the x and y planes of the grid; the returned ``(N, H, W, 2)``
     grid is a view of those planes (``grid_sample`` reads it at full speed; call ``.contiguous()``
     if you need interleaved xy). Another output size gets its own ``M``, built and cached on first
-    use.
+    use. :meth:`warp_points` and :meth:`bending_energy` use the same inverse.
+
+    Calls check the shape and dtype of ``source_points``, never their values, so a forward pass never
+    waits on the device: non-finite source points give a non-finite grid (as ``F.affine_grid`` does
+    with a non-finite ``theta``), which training catches as a NaN loss (:mod:`stn.divergence`).
 
     Args:
         target_points: ``(T, 2)`` control points in the output frame, normalised xy.
         size: output ``(H, W)``.
         align_corners: the ``grid_sample`` / ``affine_grid`` convention the grid is built for.
+        check_finite: also refuse NaN or infinite source points with an error, at the cost of one
+            device sync per call (for debugging).
 
     Example:
         >>> gen = TPSGridGen(grid_points(4, 4), size=(28, 28))
@@ -184,13 +195,16 @@ class TPSGridGen(nn.Module):
     target_points: Tensor
     matrix: Tensor
 
-    def __init__(self, target_points: Tensor, size: tuple[int, int] = (28, 28), align_corners: bool = False):
+    def __init__(self, target_points: Tensor, size: tuple[int, int] = (28, 28), align_corners: bool = False,
+                 check_finite: bool = False):
         super().__init__()
         points = _check_target_points(torch.as_tensor(target_points))
         self.size = _check_size(size)
         self.align_corners = bool(align_corners)
+        self.check_finite = bool(check_finite)
         self._points = points.cpu()
         self._inverse = _system_inverse(self._points)
+        self._system = (self._points, self._inverse)  # float64, on this module's device
         self.register_buffer("target_points", points.float(), persistent=False)
         self.register_buffer("matrix", self._build(self.size), persistent=False)
         self._cache: dict[tuple, Tensor] = {}
@@ -220,8 +234,14 @@ class TPSGridGen(nn.Module):
         device = self.matrix.device
         self.target_points = self._points.to(device=device, dtype=torch.float32)
         self.matrix = self._build(self.size).to(device)
+        self._system = (self._points.to(device), self._inverse.to(device))
         self._cache = {}
         return self
+
+    def _check(self, source_points: Tensor) -> None:
+        _check_source_points(source_points, self.num_points)
+        if self.check_finite:
+            _check_finite(source_points)
 
     def forward(self, source_points: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Sampling grid for ``source_points`` ``(N, T, 2)`` -> ``(N, H, W, 2)``.
@@ -230,13 +250,42 @@ class TPSGridGen(nn.Module):
         ``F.grid_sample(image, grid, align_corners=self.align_corners)``.
         """
         batch, count = source_points.shape[:2]
-        _check_source_points(source_points, self.num_points)
+        self._check(source_points)
         height, width = self.size if size is None else _check_size(size)
         dtype = _compute_dtype(source_points.dtype)
         matrix = self.map_matrix((height, width), dtype)
         sources = source_points.to(dtype).transpose(1, 2).reshape(2 * batch, count)
         planes = _exact_matmul(sources, matrix.T)
         return planes.view(batch, 2, height, width).permute(0, 2, 3, 1)
+
+    def warp_points(self, points: Tensor, source_points: Tensor) -> Tensor:
+        """The TPS map of output-frame ``points`` ``(N, P, 2)`` -> input frame ``(N, P, 2)``.
+
+        The map the grid is made of, at any positions: target points go exactly to source points.
+        """
+        self._check(source_points)
+        if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] != source_points.shape[0]:
+            raise SettingError(
+                f"points must have shape (N, P, 2) with N={source_points.shape[0]} as in source_points, "
+                f"got {tuple(points.shape)}."
+            )
+        dtype = _compute_dtype(torch.promote_types(points.dtype, source_points.dtype))
+        system_points, inverse = self._system
+        batch, count = points.shape[:2]
+        with torch.autocast(points.device.type, enabled=False):
+            rows = _map_rows(points.reshape(-1, 2).double(), system_points, inverse)
+            rows = rows.to(dtype).view(batch, count, -1)
+            return rows @ source_points.to(dtype)
+
+    def bending_energy(self, source_points: Tensor) -> Tensor:
+        """Integral bending energy ``(N,)`` of the TPS to ``source_points`` ``(N, T, 2)`` (see
+        :func:`bending_energy`), in the dtype of ``source_points`` (float32 under autocast)."""
+        self._check(source_points)
+        dtype = _compute_dtype(source_points.dtype)
+        bending = self._system[1][: self.num_points, : self.num_points].to(dtype)
+        with torch.autocast(source_points.device.type, enabled=False):
+            sources = source_points.to(dtype)
+            return 16 * math.pi * torch.einsum("ntk,ts,nsk->n", sources, bending, sources)
 
     def extra_repr(self) -> str:
         return f"num_points={self.num_points}, size={self.size}, align_corners={self.align_corners}"
@@ -275,11 +324,12 @@ def tps_warp(
 
     Returns:
         ``(N, C, H', W')`` warped image. For repeated warps with the same target points build a
-        :class:`TPSGridGen` once instead: this function solves the TPS system on every call.
+        :class:`TPSGridGen` once instead: this function solves the TPS system on every call and
+        refuses non-finite source points (reading them back).
     """
     _check_image(image, source_points)
     size = tuple(image.shape[-2:]) if size is None else size
-    generator = TPSGridGen(target_points, size=size, align_corners=align_corners).to(image.device)
+    generator = TPSGridGen(target_points, size=size, align_corners=align_corners, check_finite=True).to(image.device)
     grid = generator(source_points)
     return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
 
@@ -288,22 +338,11 @@ def warp_points(points: Tensor, source_points: Tensor, target_points: Tensor) ->
     """Apply the TPS map to output-frame ``points`` ``(N, P, 2)`` -> input-frame ``(N, P, 2)``.
 
     This is the map the sampling grid is made of: a point ``p`` of the output image is read from
-    ``warp_points(p)`` in the input image. Target points map exactly to source points.
+    ``warp_points(p)`` in the input image. Target points map exactly to source points. Solves the
+    TPS system on every call (:meth:`TPSGridGen.warp_points` reuses one) and refuses non-finite
+    source points.
     """
-    points_t = _check_target_points(torch.as_tensor(target_points))
-    _check_source_points(source_points, points_t.shape[0])
-    if points.ndim != 3 or points.shape[-1] != 2 or points.shape[0] != source_points.shape[0]:
-        raise SettingError(
-            f"points must have shape (N, P, 2) with N={source_points.shape[0]} as in source_points, "
-            f"got {tuple(points.shape)}."
-        )
-    dtype = _compute_dtype(torch.promote_types(points.dtype, source_points.dtype))
-    inverse = _system_inverse(points_t.cpu()).to(points.device)
-    batch, count = points.shape[:2]
-    with torch.autocast(points.device.type, enabled=False):
-        rows = _map_rows(points.reshape(-1, 2).double(), points_t.to(points.device), inverse)
-        rows = rows.to(dtype).view(batch, count, -1)
-        return rows @ source_points.to(dtype)
+    return TPSGridGen(target_points, check_finite=True).to(points.device).warp_points(points, source_points)
 
 
 def bending_energy(source_points: Tensor, target_points: Tensor) -> Tensor:
@@ -311,7 +350,8 @@ def bending_energy(source_points: Tensor, target_points: Tensor) -> Tensor:
 
     ``J(f) = sum over x, y of  integral (f_xx^2 + 2 f_xy^2 + f_yy^2) dx dy = 16 pi trace(W^T K W)``
     for the kernel ``U(r) = r^2 log r^2``, in normalised units. It is zero exactly when the map
-    is affine and positive otherwise.
+    is affine and positive otherwise. Solves the TPS system on every call
+    (:meth:`TPSGridGen.bending_energy` reuses one) and refuses non-finite source points.
 
     Args:
         source_points: ``(N, T, 2)``.
@@ -320,12 +360,4 @@ def bending_energy(source_points: Tensor, target_points: Tensor) -> Tensor:
     Returns:
         ``(N,)`` energies, in the dtype of ``source_points`` (float32 under autocast).
     """
-    points = _check_target_points(torch.as_tensor(target_points))
-    _check_source_points(source_points, points.shape[0])
-    count = points.shape[0]
-    inverse = _system_inverse(points.cpu())
-    dtype = _compute_dtype(source_points.dtype)
-    bending = inverse[:count, :count].to(device=source_points.device, dtype=dtype)
-    with torch.autocast(source_points.device.type, enabled=False):
-        sources = source_points.to(dtype)
-        return 16 * math.pi * torch.einsum("ntk,ts,nsk->n", sources, bending, sources)
+    return TPSGridGen(target_points, check_finite=True).to(source_points.device).bending_energy(source_points)

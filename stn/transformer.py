@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from stn.errors import SettingError
 from stn.localization import LocalizationNet
-from stn.tps import TPSGridGen, bending_energy, grid_points, warp_points
+from stn.tps import TPSGridGen, grid_points
 
 __all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_theta", "affine_points"]
 
@@ -85,7 +85,7 @@ class TransformStage(nn.Module):
     def map_points(self, params: Tensor, points: Tensor) -> Tensor:
         """Points ``(N, P, 2)`` of this stage's output frame -> its input frame ``(N, P, 2)``."""
         if self.kind == "tps":
-            return warp_points(points, params, self.grid_gen.target_points)
+            return self.grid_gen.warp_points(points, params)
         return affine_points(self.theta(params).to(points.dtype), points)
 
 
@@ -212,7 +212,7 @@ class SpatialTransformer(nn.Module):
     def bending(self, params: list[Tensor]) -> Tensor | None:
         """Bending energy ``(N,)`` summed over the TPS stages (each of its own map); ``None`` without one."""
         energies = [
-            bending_energy(stage_params, stage.grid_gen.target_points)
+            stage.grid_gen.bending_energy(stage_params)
             for stage, stage_params in zip(self.passes, params) if stage.kind == "tps"
         ]
         return torch.stack(energies).sum(0) if energies else None

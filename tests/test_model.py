@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.models import ResNet18_Weights
 
 import stn.data.distortions as D
@@ -403,6 +405,33 @@ def test_a_diverged_run_stops_at_the_logging_cadence_and_saves_nothing(tmp_path)
     assert started == [0, 1, 2, 3, 4]  # found at the fifth step's logging, not at the fourth: no sync in between
     with pytest.raises(FloatingPointError, match=r"step 3\."):  # and never written into a checkpoint
         model.on_save_checkpoint({})
+
+
+@pytest.mark.parametrize(("transform", "bending_weight"), [(["similarity", "tps"], 0.5), ("none", 0.0)])
+def test_training_steps_never_read_a_value_back_from_the_device(tmp_path, monkeypatch, transform, bending_weight):
+    """DESIGN: the hot path never waits on the device. Every read of a tensor's value back to the host
+    (``.item()``, ``.tolist()``, ``bool()``: each a GPU sync) is counted over a fit of 4 and one of 8
+    steps with the progress bar and a TensorBoard logger on, logging every 50 steps, with the recipes'
+    fused optimiser: the same count for both, so no step reads one (Lightning converts every per-step
+    ``prog_bar`` value with ``.item()``; torch's unfused Adam reads its step count, kept on the host)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, _read=read, _name=name: reads.append(_name) or _read(self, *args))
+
+    def reads_in_a_fit(steps: int) -> int:
+        reads.clear()
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(images(2 * steps), torch.tensor([0, 1] * steps)), batch_size=2
+        )
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=50, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=[RichProgressBar()],
+                            logger=TensorBoardLogger(tmp_path / str(steps)), default_root_dir=tmp_path)
+        fused = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "fused": True}
+        trainer.fit(STNClassifier(transform, loc_net=CHEAP, bending_weight=bending_weight, optimizer=fused), train_dataloaders=data)
+        return len(reads)
+
+    assert reads_in_a_fit(4) == reads_in_a_fit(8)
 
 
 def test_the_loss_watch_keeps_the_first_non_finite_loss_on_the_device():
