@@ -411,8 +411,9 @@ def test_a_diverged_run_stops_at_the_logging_cadence_and_saves_nothing(tmp_path)
 def test_training_steps_never_read_a_value_back_from_the_device(tmp_path, monkeypatch, transform, bending_weight):
     """DESIGN: the hot path never waits on the device. Every read of a tensor's value back to the host
     (``.item()``, ``.tolist()``, ``bool()``: each a GPU sync) is counted over a fit of 4 and one of 8
-    steps with the progress bar and a TensorBoard logger on, logging every 50 steps, with the recipes'
-    fused optimiser: the same count for both, so no step reads one (Lightning converts every per-step
+    training steps and as many validation batches, with the progress bar and a TensorBoard logger on,
+    logging every 50 steps, with the recipes' fused optimiser: the same count for both, so no step or
+    batch reads one (Lightning converts every per-step
     ``prog_bar`` value with ``.item()``; torch's unfused Adam reads its step count, kept on the host)."""
     reads = []
     for name in ("item", "tolist", "__bool__"):
@@ -425,10 +426,10 @@ def test_training_steps_never_read_a_value_back_from_the_device(tmp_path, monkey
             torch.utils.data.TensorDataset(images(2 * steps), torch.tensor([0, 1] * steps)), batch_size=2
         )
         trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=50, enable_checkpointing=False,
-                            enable_model_summary=False, callbacks=[RichProgressBar()],
+                            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[RichProgressBar()],
                             logger=TensorBoardLogger(tmp_path / str(steps)), default_root_dir=tmp_path)
         fused = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "fused": True}
-        trainer.fit(STNClassifier(transform, loc_net=CHEAP, bending_weight=bending_weight, optimizer=fused), train_dataloaders=data)
+        trainer.fit(STNClassifier(transform, loc_net=CHEAP, bending_weight=bending_weight, optimizer=fused), data, data)
         return len(reads)
 
     assert reads_in_a_fit(4) == reads_in_a_fit(8)
