@@ -63,8 +63,9 @@ def diverged_error(
             "or add model.bending_weight > 0."
         )
     else:
-        cause = (f"The learning rate is too high for this model: lower model.optimizer.lr (now {lr}) or set "
-                 "trainer.gradient_clip_val (e.g. 1.0).")
+        cause = (f"The usual cause is a learning rate too high for this model: lower model.optimizer.lr (now {lr}) "
+                 "or set trainer.gradient_clip_val (e.g. 1.0).")
+    cause += " A non-finite input image gives the same (check a data module of your own with torch.isfinite)."
     if checkpoint:
         resume = f"The last good checkpoint is {checkpoint} (nothing after it was saved); resume with ckpt_path={checkpoint}."
     else:

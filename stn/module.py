@@ -288,7 +288,7 @@ class STNClassifier(L.LightningModule):
         batch, height, width = grid.shape[:3]
         output = self.transformer.compose([], (height, width), images[:1]).reshape(1, -1, 2)  # output pixels
         digit = to_digit(grid.reshape(batch, -1, 2), digit_map)
-        pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).mean()
+        pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).nanmean()  # NaN: beyond a p map's horizon
         return self.classify(self.transformer.sample(images, grid.detach())), params, pose_error
 
     @property

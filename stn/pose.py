@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from stn.data.distortions import in_front
 from stn.tps import warp_points
 
 __all__ = [
@@ -57,13 +58,15 @@ def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
             :func:`stn.data.distortions.digit_map` returns.
 
     Returns:
-        digit pixels from the digit's centre.
+        digit pixels from the digit's centre; NaN at positions on or beyond a homography's horizon,
+        which show no point of the digit.
     """
     if "homography" in digit_map:
         h = digit_map["homography"].to(points.dtype)
         mapped = points @ h[:, :2, :2].transpose(1, 2) + h[:, None, :2, 2]
         depth = points @ h[:, 2:, :2].transpose(1, 2) + h[:, None, 2:, 2]
-        return mapped / depth
+        front = in_front(h)[:, None, None]
+        return torch.where(depth * front > 0, mapped / depth, torch.full_like(mapped, math.nan))
     target = digit_map["tps_target"][0]
     return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
 
@@ -85,7 +88,8 @@ def fit_similarity(points: Tensor, targets: Tensor, weights: Tensor | None = Non
     Args:
         points: ``(N, P, 2)`` or ``(P, 2)`` positions it maps from.
         targets: ``(N, P, 2)`` positions it maps to.
-        weights: ``(N, P)`` non-negative weights of the positions (``None``: all 1).
+        weights: ``(N, P)`` non-negative weights of the positions (``None``: 1 where ``targets`` are
+            finite, 0 where they are NaN: past a homography's horizon, :func:`to_digit`).
 
     Returns:
         ``angle`` ``(N,)`` radians, ``log_scale`` ``(N,)``, ``shift`` ``(N, 2)`` (where the origin of
@@ -93,7 +97,8 @@ def fit_similarity(points: Tensor, targets: Tensor, weights: Tensor | None = Non
     """
     points = points.expand_as(targets)
     if weights is None:
-        weights = torch.ones_like(targets[..., 0])
+        weights = targets.isfinite().all(-1).to(targets.dtype)
+    targets = torch.where(weights[..., None] > 0, targets, 0.0)  # positions of no weight may be far off or NaN
     w = weights / weights.sum(1, keepdim=True)
     p = torch.complex(points[..., 0], points[..., 1])
     q = torch.complex(targets[..., 0], targets[..., 1])

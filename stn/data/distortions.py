@@ -50,6 +50,7 @@ __all__ = [
     "sample_params",
     "similarity_grid",
     "projective_grid",
+    "in_front",
     "elastic_grid",
     "warp",
     "distort",
@@ -75,6 +76,7 @@ EVAL_BLOCK = 1000
 
 _PIXELS_PER_UNIT = INPUT_SIZE / 2  # normalised coordinates span 2 units across the 28 pixels
 _CORNERS = ((-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))  # top-left, top-right, bottom-left, bottom-right
+_OUTSIDE = 2.0  # a sampling position outside the image, where bilinear sampling reads only the zero padding
 
 
 def check_distortion(name: str) -> str:
@@ -227,13 +229,29 @@ def projective_grid(scale: Tensor, corner_shift: Tensor) -> Tensor:
     """
     corners = torch.tensor(_CORNERS, device=scale.device, dtype=scale.dtype).expand(scale.shape[0], -1, -1)
     moved = scale[:, None, None] * corners + corner_shift / _PIXELS_PER_UNIT
-    h = _homography(moved, corners)[:, :, :, None, None]  # output -> input, (N, 3, 3, 1, 1)
+    homography = _homography(moved, corners)  # output -> input, (N, 3, 3)
+    front = in_front(homography)[:, None, None]
+    h = homography[:, :, :, None, None]
     x = (_pixel_centres(INPUT_SIZE, scale) / _PIXELS_PER_UNIT)[None, :]
     y = x.T
     depth = h[:, 2, 0] * x + h[:, 2, 1] * y + h[:, 2, 2]
     grid_x = (h[:, 0, 0] * x + h[:, 0, 1] * y + h[:, 0, 2]) / depth
     grid_y = (h[:, 1, 0] * x + h[:, 1, 1] * y + h[:, 1, 2]) / depth
-    return torch.stack([grid_x, grid_y], dim=-1)
+    grid = torch.stack([grid_x, grid_y], dim=-1)
+    # Pixels on or beyond the horizon show no point of the image (their quotients are mirrored or
+    # infinite): they read outside it, as every position clamped to [-2, 2] still does where it did
+    # (beyond half a pixel outside the image, bilinear sampling reads only the zero padding).
+    return torch.where((depth * front > 0)[..., None], grid, torch.full_like(grid, _OUTSIDE)).clamp(-_OUTSIDE, _OUTSIDE)
+
+
+def in_front(homography: Tensor) -> Tensor:
+    """``(N,)`` +1 or -1: the sign of the depth (the third homogeneous coordinate) of ``homography``
+    ``(N, 3, 3)`` at the position it takes to the origin of the image it reads (the digit's centre).
+
+    Positions whose depth has that sign lie on the image's side of the map's horizon; the others, where
+    the quotient is mirrored or infinite, show no point of it.
+    """
+    return torch.linalg.inv(homography)[:, 2, 2].sign()
 
 
 def _elastic_points() -> Tensor:
