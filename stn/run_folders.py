@@ -88,9 +88,13 @@ def sweep_dir(ckpt_path: str | None, fresh: str, output_root: str, overrides: Se
 
 
 def _sweep_and_jobs(folder: Path) -> list[list[str]]:
-    """The overrides of the sweep recorded in ``folder``, and those of each of its jobs."""
-    recorded = _command(yaml.safe_load((folder / "multirun.yaml").read_text())["hydra"]["overrides"]["task"])
-    parsed = OverridesParser.create().parse_overrides(recorded)
+    """The overrides of the sweep recorded in ``folder``, and those of each of its jobs: the values of the
+    sweeper's ``params`` (set by a sweep config such as ``+sweep=paper_table``) and then the command line's,
+    combined as Hydra's basic sweeper combines them."""
+    hydra = yaml.safe_load((folder / "multirun.yaml").read_text())["hydra"]
+    recorded = _command(hydra["overrides"]["task"])
+    params = [f"{key}={value}" for key, value in ((hydra.get("sweeper") or {}).get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *recorded])
     return [recorded, *(job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch)]
 
 

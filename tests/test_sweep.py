@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stn.run_folders import job_folder_name
+from stn.run_folders import job_folder_name, sweep_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,23 @@ def test_job_folder_names_stay_legal():
     assert job_folder_name(many) == ",".join(f"limit_train_batches_{i}=3" for i in range(5))
     name = job_folder_name(",".join(f"model.loc_net.some_long_setting_{i}=value_{i}" for i in range(20)))
     assert len(name) == 120 and name.startswith("some_long_setting_0=value_0,")
+
+
+def test_ckpt_path_last_finds_a_sweep_whose_values_come_from_its_sweep_config(tmp_path):
+    """``+sweep=paper_table`` sets what is swept in ``hydra.sweeper.params``, not on the command line: a job of
+    the re-run sweep (its overrides: the params' values, then the command line's) finds the sweep's folder
+    as the sweep itself does (before, each job of such a sweep started a new folder)."""
+    folder = tmp_path / "multirun" / "2026-12-05" / "10-06-12"
+    folder.mkdir(parents=True)
+    task = ["+sweep=paper_table", "data.distortion=r,p,e", "seed=1", "ckpt_path=last"]
+    params = {"+experiment": "mnist_cnn,mnist_affine,mnist_tps", "data.distortion": "r,rts,p,e", "seed": "1,2,3"}
+    (folder / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}}))
+    fresh, root = str(tmp_path / "fresh"), str(tmp_path)
+    assert sweep_dir("last", fresh, root, task) == str(folder)
+    job = ["+experiment=mnist_affine", "data.distortion=p", "seed=1", "+sweep=paper_table", "ckpt_path=last"]
+    assert sweep_dir("last", fresh, root, job) == str(folder)
+    assert sweep_dir("last", fresh, root, [*job[:1], "data.distortion=rts", *job[2:]]) == fresh  # not a job of it
+    assert sweep_dir(None, fresh, root, job) == fresh
 
 
 def test_paper_table_sweep_composes_36_jobs():
