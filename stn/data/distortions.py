@@ -249,9 +249,12 @@ def in_front(homography: Tensor) -> Tensor:
     ``(N, 3, 3)`` at the position it takes to the origin of the image it reads (the digit's centre).
 
     Positions whose depth has that sign lie on the image's side of the map's horizon; the others, where
-    the quotient is mirrored or infinite, show no point of it.
+    the quotient is mirrored or infinite, show no point of it. It is the sign of the inverse's last entry,
+    ``(a e - b d) / det``, written out (a batched inverse checks for singular matrices: a device sync).
     """
-    return torch.linalg.inv(homography)[:, 2, 2].sign()
+    (a, b, c), (d, e, f), (g, h, i) = (row.unbind(-1) for row in homography.unbind(-2))
+    determinant = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return ((a * e - b * d) * determinant).sign()
 
 
 def _elastic_points() -> Tensor:
