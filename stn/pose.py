@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from stn.data.distortions import in_front
+from stn.data.distortions import through_homography
 from stn.tps import warp_points
 
 __all__ = [
@@ -62,11 +62,7 @@ def to_digit(points: Tensor, digit_map: dict[str, Tensor]) -> Tensor:
         which show no point of the digit.
     """
     if "homography" in digit_map:
-        h = digit_map["homography"].to(points.dtype)
-        mapped = points @ h[:, :2, :2].transpose(1, 2) + h[:, None, :2, 2]
-        depth = points @ h[:, 2:, :2].transpose(1, 2) + h[:, None, 2:, 2]
-        front = in_front(h)[:, None, None]
-        return torch.where(depth * front > 0, mapped / depth, torch.full_like(mapped, math.nan))
+        return through_homography(points, digit_map["homography"].to(points.dtype))
     target = digit_map["tps_target"][0]
     return warp_points(points, digit_map["tps_source"].to(points.dtype), target)
 

@@ -50,6 +50,7 @@ __all__ = [
     "sample_params",
     "similarity_grid",
     "projective_grid",
+    "through_homography",
     "in_front",
     "elastic_grid",
     "warp",
@@ -230,18 +231,32 @@ def projective_grid(scale: Tensor, corner_shift: Tensor) -> Tensor:
     corners = torch.tensor(_CORNERS, device=scale.device, dtype=scale.dtype).expand(scale.shape[0], -1, -1)
     moved = scale[:, None, None] * corners + corner_shift / _PIXELS_PER_UNIT
     homography = _homography(moved, corners)  # output -> input, (N, 3, 3)
-    front = in_front(homography)[:, None, None]
-    h = homography[:, :, :, None, None]
-    x = (_pixel_centres(INPUT_SIZE, scale) / _PIXELS_PER_UNIT)[None, :]
-    y = x.T
-    depth = h[:, 2, 0] * x + h[:, 2, 1] * y + h[:, 2, 2]
-    grid_x = (h[:, 0, 0] * x + h[:, 0, 1] * y + h[:, 0, 2]) / depth
-    grid_y = (h[:, 1, 0] * x + h[:, 1, 1] * y + h[:, 1, 2]) / depth
-    grid = torch.stack([grid_x, grid_y], dim=-1)
-    # Pixels on or beyond the horizon show no point of the image (their quotients are mirrored or
-    # infinite): they read outside it, as every position clamped to [-2, 2] still does where it did
-    # (beyond half a pixel outside the image, bilinear sampling reads only the zero padding).
-    return torch.where((depth * front > 0)[..., None], grid, torch.full_like(grid, _OUTSIDE)).clamp(-_OUTSIDE, _OUTSIDE)
+    ticks = _pixel_centres(INPUT_SIZE, scale) / _PIXELS_PER_UNIT
+    pixels = torch.stack([ticks[None, :].expand(INPUT_SIZE, -1), ticks[:, None].expand(-1, INPUT_SIZE)], dim=-1)
+    grid = through_homography(pixels[None], homography)
+    # Pixels on or beyond the horizon show no point of the image: they read outside it, as every position
+    # clamped to [-2, 2] still does where it did (beyond half a pixel outside the image, bilinear sampling
+    # reads only the zero padding).
+    return grid.nan_to_num(nan=_OUTSIDE).clamp(-_OUTSIDE, _OUTSIDE)
+
+
+def through_homography(points: Tensor, homography: Tensor) -> Tensor:
+    """Positions ``(N, ..., 2)`` (or broadcastable to it) taken through ``homography`` ``(N, 3, 3)``.
+
+    Elementwise (no matmul), so a position's value does not depend on the batch or the threads.
+
+    Returns:
+        ``(N, ..., 2)``; NaN at positions on or beyond the map's horizon (:func:`in_front`), where the
+        quotient is mirrored or infinite and shows no point of the image the map reads.
+    """
+    h = homography.reshape(homography.shape[0], *(1,) * (points.dim() - 2), 3, 3)
+    x, y = points[..., 0], points[..., 1]
+    depth = h[..., 2, 0] * x + h[..., 2, 1] * y + h[..., 2, 2]
+    mapped_x = (h[..., 0, 0] * x + h[..., 0, 1] * y + h[..., 0, 2]) / depth
+    mapped_y = (h[..., 1, 0] * x + h[..., 1, 1] * y + h[..., 1, 2]) / depth
+    front = in_front(homography).reshape(-1, *(1,) * (points.dim() - 2))
+    mapped = torch.stack([mapped_x, mapped_y], dim=-1)
+    return torch.where((depth * front > 0)[..., None], mapped, torch.full_like(mapped, math.nan))
 
 
 def in_front(homography: Tensor) -> Tensor:
