@@ -51,7 +51,6 @@ __all__ = [
     "similarity_grid",
     "projective_grid",
     "through_homography",
-    "in_front",
     "elastic_grid",
     "warp",
     "distort",
@@ -246,7 +245,7 @@ def through_homography(points: Tensor, homography: Tensor) -> Tensor:
     Elementwise (no matmul), so a position's value does not depend on the batch or the threads.
 
     Returns:
-        ``(N, ..., 2)``; NaN at positions on or beyond the map's horizon (:func:`in_front`), where the
+        ``(N, ..., 2)``; NaN at positions on or beyond the map's horizon (:func:`_in_front`), where the
         quotient is mirrored or infinite and shows no point of the image the map reads.
     """
     h = homography.reshape(homography.shape[0], *(1,) * (points.dim() - 2), 3, 3)
@@ -254,12 +253,12 @@ def through_homography(points: Tensor, homography: Tensor) -> Tensor:
     depth = h[..., 2, 0] * x + h[..., 2, 1] * y + h[..., 2, 2]
     mapped_x = (h[..., 0, 0] * x + h[..., 0, 1] * y + h[..., 0, 2]) / depth
     mapped_y = (h[..., 1, 0] * x + h[..., 1, 1] * y + h[..., 1, 2]) / depth
-    front = in_front(homography).reshape(-1, *(1,) * (points.dim() - 2))
+    front = _in_front(homography).reshape(-1, *(1,) * (points.dim() - 2))
     mapped = torch.stack([mapped_x, mapped_y], dim=-1)
     return torch.where((depth * front > 0)[..., None], mapped, torch.full_like(mapped, math.nan))
 
 
-def in_front(homography: Tensor) -> Tensor:
+def _in_front(homography: Tensor) -> Tensor:
     """``(N,)`` +1 or -1: the sign of the depth (the third homogeneous coordinate) of ``homography``
     ``(N, 3, 3)`` at the position it takes to the origin of the image it reads (the digit's centre).
 
