@@ -1,27 +1,39 @@
-"""Pretrain a loc-net backbone offline: a torchvision classifier trained on plain MNIST training digits.
+"""Pretrain a loc-net backbone offline on MNIST training digits: to classify them, or to read their pose.
 
 Where ImageNet weights cannot be fetched, a backbone that has already learned what digits look like is
-the next best start for a localization network. :func:`pretrain_backbone` trains the whole torchvision
-model (its own head replaced by a ``num_classes`` layer) on undistorted training digits, seen exactly as
-:class:`~stn.localization.LocalizationNet` sees images (three channels, resized to ``input_size``,
-ImageNet-normalised), and returns its ``state_dict``. Saved with ``torch.save``, it loads through
-``model.loc_net.weights=/path/to/file.pth`` (the head's keys are ignored there). Only training digits
-are used; the caller passes them (``MNISTDataModule.train_set``, which excludes the validation split).
+the next best start for a localization network. Two tasks, each seeing images exactly as
+:class:`~stn.localization.LocalizationNet` does (three channels, resized to ``input_size``,
+ImageNet-normalised), each returning the torchvision model's ``state_dict``, which, saved with
+``torch.save``, loads through ``model.loc_net.weights=/path/to/file.pth`` (the head's keys are ignored):
+
+- :func:`pretrain_backbone` trains the whole model (its own head replaced by a ``num_classes`` layer)
+  to classify undistorted digits.
+- :func:`pretrain_pose` trains the backbone cut at ``feature_node``, with a small head on its flattened
+  map, to regress the pose the distortion drew (``r``: the angle; ``rts``: angle, log-scale and shift)
+  from freshly distorted digits: a self-supervised pretext task whose labels are the draws themselves.
+  The layers after ``feature_node`` keep their initialisation (the loc-net does not use them).
+
+Only training digits are used; the caller passes them (``MNISTDataModule.train_set``, which excludes
+the validation split), so neither task sees a validation or test image.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
-from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, loc_net_view
+from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, loc_net_view
 
-__all__ = ["pretrain_backbone"]
+__all__ = ["pose_targets", "pretrain_backbone", "pretrain_pose"]
+
+POSE_DISTORTIONS = ("r", "rts")
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +93,94 @@ def pretrain_backbone(
             correct += int((logits.argmax(1) == labels[index]).sum())
         log.info("pretraining %s: epoch %d, training accuracy %.4f", backbone, epoch, correct / labels.shape[0])
     return model.state_dict()
+
+
+def pose_targets(name: str, params: dict[str, Tensor]) -> Tensor:
+    """The pose drawn by distortion ``name`` (:func:`~stn.data.distortions.sample_params`), each part
+    divided by its largest value so that all lie in [-1, 1].
+
+    Returns:
+        ``r``: ``(N, 1)`` angle; ``rts``: ``(N, 4)`` angle, log-scale (centred on the middle of its
+        range), shift x and y (canvas pixels over the most a shift can be).
+    """
+    if name not in POSE_DISTORTIONS:
+        raise SettingError(
+            f"distortion={name!r} has no pose to pretrain on: pose pretraining regresses the angle of r or "
+            "the angle, scale and shift of rts. Set distortion=rts (or r), or task=classes."
+        )
+    angle = params["angle"]
+    if name == "r":
+        return (angle / R_MAX_ANGLE)[:, None]
+    low, high = math.log(RTS_SCALE[0]), math.log(RTS_SCALE[1])
+    log_scale = (params["scale"].log() - (low + high) / 2) / ((high - low) / 2)
+    most_shift = (CANVAS_SIZE - INPUT_SIZE * RTS_SCALE[0]) / 2
+    return torch.cat([(angle / RTS_MAX_ANGLE)[:, None], log_scale[:, None], params["shift"] / most_shift], dim=1)
+
+
+def pretrain_pose(
+    backbone: str,
+    feature_node: str,
+    images: Tensor,
+    distortion: str = "rts",
+    input_size: tuple[int, int] = (32, 32),
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    hidden: int = 64,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Train ``backbone`` cut at ``feature_node`` to regress the pose of distorted ``images``; return the
+    whole torchvision model's ``state_dict`` (the layers after the cut as initialised).
+
+    Args:
+        backbone: a torchvision classification model name.
+        feature_node: the node the loc-net cuts the backbone at (``model.loc_net.feature_node``).
+        images: ``(N, 1, 28, 28)`` uint8 training digits, distorted afresh every batch.
+        distortion: ``r`` or ``rts``; the targets are :func:`pose_targets`.
+        input_size: the view size, as ``model.loc_net.input_size``.
+        epochs, batch_size, lr: Adam with a one-cycle schedule on the mean squared error.
+        hidden: width of the regression head's hidden layer (discarded afterwards).
+        seed: initialisation, shuffling and the distortion draws.
+    """
+    outputs = pose_targets(distortion, sample_params(distortion, 1, torch.Generator())).shape[1]  # checks the name
+    torch.manual_seed(seed)
+    full = torchvision.models.get_model(backbone, weights=None)
+    cut, _, _, _ = build_backbone(backbone, None, feature_node)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        features = cut(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]
+    head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+    parameters = [*cut.parameters(), *head.parameters()]
+    steps = epochs * -(-images.shape[0] // batch_size)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    cut.train()
+    for epoch in range(epochs):
+        order = torch.randperm(images.shape[0], generator=generator)
+        errors, spreads = [], []
+        for start in range(0, images.shape[0], batch_size):
+            index = order[start : start + batch_size]
+            params = sample_params(distortion, index.shape[0], generator)
+            target = pose_targets(distortion, params)
+            view = loc_net_view(warp(images[index], distortion, params), input_size, mean, std)
+            predicted = head(cut(view).flatten(1))
+            loss = F.mse_loss(predicted, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            errors.append((predicted.detach() - target).square().sum(0))
+            spreads.append(target.square().sum(0))
+        left = (torch.stack(errors).sum(0) / torch.stack(spreads).sum(0)).sqrt()
+        log.info(
+            "pose pretraining %s at %s: epoch %d, rms error / rms pose (angle first): %s",
+            backbone, feature_node, epoch, " ".join(f"{value:.3f}" for value in left.tolist()),
+        )
+    body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
+    head_name = next(name for name in HEAD_NAMES if isinstance(getattr(full, name, None), nn.Module))
+    unexpected = full.load_state_dict(body, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"the cut backbone's keys do not fit {backbone}: {unexpected[:5]}")
+    return {key: value for key, value in full.state_dict().items() if not key.startswith(f"{head_name}.")}

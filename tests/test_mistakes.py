@@ -77,6 +77,18 @@ def test_a_setting_mistake_is_one_paragraph_and_leaves_no_run_folder(tmp_path, o
 
 @pytest.mark.slow
 @pytest.mark.mnist
+@pytest.mark.parametrize(("overrides", "paragraph"), [
+    (["task=rotation"], r"task='rotation' is not a pretraining task: set task=classes or task=pose"),
+    (["task=pose", "distortion=p"], r"distortion='p' has no pose to pretrain on.*Set distortion=rts"),
+])
+def test_a_pretraining_mistake_is_one_paragraph_and_leaves_no_run_folder(tmp_path, overrides, paragraph):
+    stderr = fails(tmp_path, "pretrain_loc_net.py", *overrides)
+    assert re.search(paragraph, stderr, flags=re.S), stderr[-3000:]
+    assert no_run_folder_left(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
 def test_hydra_full_error_shows_the_traceback(tmp_path):
     root = tmp_path / "outputs"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), f"paths.output_root={root}", *TRAIN,

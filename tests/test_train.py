@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -319,14 +320,20 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     assert held and all(int(count) == 0 for count in held), "the held loc-net's batch norm saw no batch"
 
 
-def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run):
-    """scripts/pretrain_loc_net.py writes weights that the training run loads as its loc-net backbone."""
+@pytest.mark.parametrize(("task", "file"), [
+    ("classes", "shufflenet_v2_x0_5_mnist.pth"), ("pose", "shufflenet_v2_x0_5_stage2_rts_pose.pth")])
+def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_run, task, file):
+    """scripts/pretrain_loc_net.py writes weights that the training run loads as its loc-net backbone: a
+    digit classifier's (task=classes) or a pose regressor's (task=pose, the backbone cut at stage2)."""
     pretrained, output = run_script(
         "pretrain_loc_net.py", tmp_path, "pretrain", "data.val_size=59800", "epochs=1", "input_size=16",
-        "batch_size=50",
+        "batch_size=50", f"task={task}",
     )
-    weights = pretrained / "shufflenet_v2_x0_5_mnist.pth"
+    weights = pretrained / file
     assert f"Backbone weights: {weights}" in output
+    if task == "pose":
+        assert re.search(r"pose pretraining shufflenet_v2_x0_5 at stage2: epoch 0, rms error / rms pose "
+                         r"\(angle first\): (\d\.\d{3} ){3}\d\.\d{3}", output), output[-2000:]
     state = torch.load(weights, map_location="cpu", weights_only=True)
     run, _ = run_script(
         "train.py", tmp_path, "with_weights", "+experiment=mnist_tps", *tiny_run, f"model.loc_net.weights={weights}",
