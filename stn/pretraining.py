@@ -46,10 +46,11 @@ def _classifier(backbone: str, num_classes: int) -> nn.Module:
 
 
 def _view(images: Tensor, input_size: tuple[int, int]) -> Tensor:
-    """uint8 ``(B, 1, 28, 28)`` -> normalised float ``(B, 3, H, W)``, as the loc-net sees images."""
+    """``(B, 1, h, w)`` uint8 in [0, 255] or float in [0, 1] -> normalised float ``(B, 3, H, W)``, as the
+    loc-net sees images."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return loc_net_view(images.float().div(255), input_size, mean, std)
+    return loc_net_view(images if images.is_floating_point() else images.float().div(255), input_size, mean, std)
 
 
 def pretrain_backbone(
@@ -146,8 +147,6 @@ def pretrain_pose(
     torch.manual_seed(seed)
     full = torchvision.models.get_model(backbone, weights=None)
     cut, _, _, _ = build_backbone(backbone, None, feature_node)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         features = cut(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]
     head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
@@ -164,8 +163,7 @@ def pretrain_pose(
             index = order[start : start + batch_size]
             params = sample_params(distortion, index.shape[0], generator)
             target = pose_targets(distortion, params)
-            view = loc_net_view(warp(images[index], distortion, params), input_size, mean, std)
-            predicted = head(cut(view).flatten(1))
+            predicted = head(cut(_view(warp(images[index], distortion, params), input_size)).flatten(1))
             loss = F.mse_loss(predicted, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
