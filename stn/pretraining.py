@@ -33,7 +33,7 @@ from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, build_back
 
 __all__ = ["pose_targets", "pretrain_backbone", "pretrain_pose"]
 
-POSE_DISTORTIONS = ("r", "rts")
+POSE_PARTS = {"r": ("angle",), "rts": ("angle", "log_scale", "shift_x", "shift_y")}
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ def pretrain_backbone(
     return model.state_dict()
 
 
+def _check_pose_distortion(name: str) -> None:
+    if name not in POSE_PARTS:
+        raise SettingError(
+            f"distortion={name!r} has no pose to pretrain on: pose pretraining regresses the angle of r or "
+            "the angle, scale and shift of rts. Set distortion=rts (or r), or task=classes."
+        )
+
+
 def pose_targets(name: str, params: dict[str, Tensor]) -> Tensor:
     """The pose drawn by distortion ``name`` (:func:`~stn.data.distortions.sample_params`), each part
     divided by its largest value so that all lie in [-1, 1].
@@ -104,11 +112,7 @@ def pose_targets(name: str, params: dict[str, Tensor]) -> Tensor:
         ``r``: ``(N, 1)`` angle; ``rts``: ``(N, 4)`` angle, log-scale (centred on the middle of its
         range), shift x and y (canvas pixels over the most a shift can be).
     """
-    if name not in POSE_DISTORTIONS:
-        raise SettingError(
-            f"distortion={name!r} has no pose to pretrain on: pose pretraining regresses the angle of r or "
-            "the angle, scale and shift of rts. Set distortion=rts (or r), or task=classes."
-        )
+    _check_pose_distortion(name)
     angle = params["angle"]
     if name == "r":
         return (angle / R_MAX_ANGLE)[:, None]
@@ -143,13 +147,14 @@ def pretrain_pose(
         hidden: width of the regression head's hidden layer (discarded afterwards).
         seed: initialisation, shuffling and the distortion draws.
     """
-    outputs = pose_targets(distortion, sample_params(distortion, 1, torch.Generator())).shape[1]  # checks the name
+    _check_pose_distortion(distortion)
+    parts = POSE_PARTS[distortion]
     torch.manual_seed(seed)
     full = torchvision.models.get_model(backbone, weights=None)
     cut, _, _, _ = build_backbone(backbone, None, feature_node)
     with torch.no_grad():
         features = cut(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]
-    head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+    head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
     parameters = [*cut.parameters(), *head.parameters()]
     steps = epochs * -(-images.shape[0] // batch_size)
     optimizer = torch.optim.Adam(parameters, lr=lr)
@@ -173,8 +178,8 @@ def pretrain_pose(
             spreads.append(target.square().sum(0))
         left = (torch.stack(errors).sum(0) / torch.stack(spreads).sum(0)).sqrt()
         log.info(
-            "pose pretraining %s at %s: epoch %d, rms error / rms pose (angle first): %s",
-            backbone, feature_node, epoch, " ".join(f"{value:.3f}" for value in left.tolist()),
+            "pose pretraining %s at %s: epoch %d, rms error / rms pose: %s",
+            backbone, feature_node, epoch, ", ".join(f"{part} {value:.3f}" for part, value in zip(parts, left.tolist())),
         )
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
     head_name = next(name for name in HEAD_NAMES if isinstance(getattr(full, name, None), nn.Module))

@@ -332,8 +332,8 @@ def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_
     weights = pretrained / file
     assert f"Backbone weights: {weights}" in output
     if task == "pose":
-        assert re.search(r"pose pretraining shufflenet_v2_x0_5 at stage2: epoch 0, rms error / rms pose "
-                         r"\(angle first\): (\d\.\d{3} ){3}\d\.\d{3}", output), output[-2000:]
+        assert re.search(r"pose pretraining shufflenet_v2_x0_5 at stage2: epoch 0, rms error / rms pose: angle \d\.\d{3}, "
+                         r"log_scale \d\.\d{3}, shift_x \d\.\d{3}, shift_y \d\.\d{3}", output), output[-2000:]
     state = torch.load(weights, map_location="cpu", weights_only=True)
     run, _ = run_script(
         "train.py", tmp_path, "with_weights", "+experiment=mnist_tps", *tiny_run, f"model.loc_net.weights={weights}",
