@@ -153,7 +153,7 @@ def pretrain_pose(
     full = torchvision.models.get_model(backbone, weights=None)
     cut, _, _, _ = build_backbone(backbone, None, feature_node)
     with torch.no_grad():
-        features = cut(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]
+        features = cut.eval()(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]  # eval: no batch-norm update
     head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
     parameters = [*cut.parameters(), *head.parameters()]
     steps = epochs * -(-images.shape[0] // batch_size)
