@@ -28,7 +28,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from stn.errors import MissingInputError, SettingError
 
-__all__ = ["LocalizationNet", "build_backbone", "loc_net_view"]
+__all__ = ["LocalizationNet", "build_backbone", "head_name", "loc_net_view"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def _check_backbone_name(name: str) -> None:
         )
 
 
-def _head_name(model: nn.Module, backbone: str) -> str:
+def head_name(model: nn.Module, backbone: str) -> str:
+    """The attribute holding ``model``'s classifier head (one of :data:`HEAD_NAMES`)."""
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
@@ -140,7 +141,7 @@ def build_backbone(
 def _load_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple, tuple, bool]:
     _check_backbone_name(backbone)
     model = torchvision.models.get_model(backbone, weights=None)
-    head = _head_name(model, backbone)
+    head = head_name(model, backbone)
     setattr(model, head, nn.Identity())
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if weights is None:

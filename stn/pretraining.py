@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
-from stn.localization import HEAD_NAMES, IMAGENET_MEAN, IMAGENET_STD, build_backbone, loc_net_view
+from stn.localization import IMAGENET_MEAN, IMAGENET_STD, build_backbone, head_name, loc_net_view
 
 __all__ = ["pose_targets", "pretrain_backbone", "pretrain_pose"]
 
@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 
 def _classifier(backbone: str, num_classes: int) -> nn.Module:
     model = torchvision.models.get_model(backbone, weights=None, num_classes=num_classes)
-    if not any(isinstance(getattr(model, name, None), nn.Module) for name in HEAD_NAMES):
-        raise SettingError(f"Backbone {backbone!r} has no classifier head ({HEAD_NAMES}); choose e.g. resnet18.")
+    head_name(model, backbone)  # raises for a model without a classifier head
     return model
 
 
@@ -182,8 +181,8 @@ def pretrain_pose(
             backbone, feature_node, epoch, ", ".join(f"{part} {value:.3f}" for part, value in zip(parts, left.tolist())),
         )
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
-    head_name = next(name for name in HEAD_NAMES if isinstance(getattr(full, name, None), nn.Module))
+    head = head_name(full, backbone)
     unexpected = full.load_state_dict(body, strict=False).unexpected_keys
     if unexpected:
         raise RuntimeError(f"the cut backbone's keys do not fit {backbone}: {unexpected[:5]}")
-    return {key: value for key, value in full.state_dict().items() if not key.startswith(f"{head_name}.")}
+    return {key: value for key, value in full.state_dict().items() if not key.startswith(f"{head}.")}
