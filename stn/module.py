@@ -91,6 +91,8 @@ class STNClassifier(L.LightningModule):
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
         passes: how many times each stage is applied, its loc-net reading on each pass the image warped
             by the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
+        detach_views: a later stage's loc-net reads the earlier stages' view with no gradient into them
+            (a cheaper backward; :class:`~stn.transformer.SpatialTransformer`).
         turned_negatives: ``weight``, ``min_angle``, ``max_angle`` (degrees): while the classifier learns,
             it also reads its input turned by ``±U(min_angle, max_angle)`` and is trained towards uniform
             class probabilities there, weighted by ``weight`` (0: off; :mod:`stn.turned_negatives`).
@@ -121,6 +123,7 @@ class STNClassifier(L.LightningModule):
         turned_negatives: dict | None = None,
         stage_loc_nets: Sequence[Mapping | None] | None = None,
         stage_start: Sequence[int] | None = None,
+        detach_views: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -130,7 +133,8 @@ class STNClassifier(L.LightningModule):
         check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
-            padding_mode=padding_mode, passes=passes, stage_loc_nets=stage_loc_nets, **(tps or {}),
+            padding_mode=padding_mode, passes=passes, stage_loc_nets=stage_loc_nets, detach_views=detach_views,
+            **(tps or {}),
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

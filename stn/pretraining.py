@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,34 @@ def _view(images: Tensor, input_size: tuple[int, int]) -> Tensor:
     return loc_net_view(images if images.is_floating_point() else images.float().div(255), input_size, mean, std)
 
 
+def _fit(
+    parameters: list[nn.Parameter],
+    count: int,
+    batch_loss: Callable[[Tensor], Tensor],
+    report: Callable[[int], None],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+) -> None:
+    """Adam with a one-cycle schedule over ``epochs`` shuffled passes of ``count`` examples.
+
+    ``batch_loss`` takes the ``(B,)`` indices of a batch and returns its loss; ``report`` is called
+    with the epoch after each pass. ``generator`` shuffles (and may draw whatever ``batch_loss`` draws).
+    """
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * -(-count // batch_size))
+    for epoch in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            loss = batch_loss(order[start : start + batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        report(epoch)
+
+
 def pretrain_backbone(
     backbone: str,
     images: Tensor,
@@ -74,24 +103,20 @@ def pretrain_backbone(
     """
     torch.manual_seed(seed)
     model = _classifier(backbone, int(labels.max()) + 1)
-    steps = epochs * -(-labels.shape[0] // batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
+    correct: list[int] = []
+
+    def batch_loss(index: Tensor) -> Tensor:
+        logits = model(_view(images[index], input_size))
+        correct.append(int((logits.argmax(1) == labels[index]).sum()))
+        return F.cross_entropy(logits, labels[index])
+
+    def report(epoch: int) -> None:
+        log.info("pretraining %s: epoch %d, training accuracy %.4f", backbone, epoch, sum(correct) / labels.shape[0])
+        correct.clear()
+
     model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(labels.shape[0], generator=generator)
-        correct = 0
-        for start in range(0, labels.shape[0], batch_size):
-            index = order[start : start + batch_size]
-            logits = model(_view(images[index], input_size))
-            loss = F.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            correct += int((logits.argmax(1) == labels[index]).sum())
-        log.info("pretraining %s: epoch %d, training accuracy %.4f", backbone, epoch, correct / labels.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    _fit(list(model.parameters()), labels.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
     return model.state_dict()
 
 
@@ -154,32 +179,29 @@ def pretrain_pose(
     with torch.no_grad():
         features = cut.eval()(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]  # eval: no batch-norm update
     head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
-    parameters = [*cut.parameters(), *head.parameters()]
-    steps = epochs * -(-images.shape[0] // batch_size)
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
-    cut.train()
-    for epoch in range(epochs):
-        order = torch.randperm(images.shape[0], generator=generator)
-        errors, spreads = [], []
-        for start in range(0, images.shape[0], batch_size):
-            index = order[start : start + batch_size]
-            params = sample_params(distortion, index.shape[0], generator)
-            target = pose_targets(distortion, params)
-            predicted = head(cut(_view(warp(images[index], distortion, params), input_size)).flatten(1))
-            loss = F.mse_loss(predicted, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            errors.append((predicted.detach() - target).square().sum(0))
-            spreads.append(target.square().sum(0))
+    errors: list[Tensor] = []
+    spreads: list[Tensor] = []
+
+    def batch_loss(index: Tensor) -> Tensor:
+        params = sample_params(distortion, index.shape[0], generator)
+        target = pose_targets(distortion, params)
+        predicted = head(cut(_view(warp(images[index], distortion, params), input_size)).flatten(1))
+        errors.append((predicted.detach() - target).square().sum(0))
+        spreads.append(target.square().sum(0))
+        return F.mse_loss(predicted, target)
+
+    def report(epoch: int) -> None:
         left = (torch.stack(errors).sum(0) / torch.stack(spreads).sum(0)).sqrt()
         log.info(
             "pose pretraining %s at %s: epoch %d, rms error / rms pose: %s",
             backbone, feature_node, epoch, ", ".join(f"{part} {value:.3f}" for part, value in zip(parts, left.tolist())),
         )
+        errors.clear()
+        spreads.clear()
+
+    cut.train()
+    _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
     head = head_name(full, backbone)
     unexpected = full.load_state_dict(body, strict=False).unexpected_keys

@@ -110,6 +110,11 @@ class SpatialTransformer(nn.Module):
             refines the map with the same loc-net (recurrent refinement, as in inverse-compositional
             STNs): if its loc-net undoes a fraction ``f`` of any turn, ``k`` passes leave ``(1 - f)^k``. The
             passes compose into one resample of the input.
+        detach_views: each later pass's loc-net reads the view of the passes before it as data: no
+            gradient flows through that view into the earlier passes, which learn from the final grid
+            alone. The backward then skips the later loc-nets' input gradients (and, with frozen
+            backbones, their backbones altogether). ``False``: every pass also learns from how its view
+            serves the loc-nets after it.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class SpatialTransformer(nn.Module):
         padding_mode: str = "zeros",
         passes: int | Sequence[int] = 1,
         stage_loc_nets: Sequence[Mapping | None] | None = None,
+        detach_views: bool = False,
     ):
         super().__init__()
         kinds = _stage_kinds(transform)
@@ -132,6 +138,7 @@ class SpatialTransformer(nn.Module):
         self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
         self.align_corners = bool(align_corners)
         self.padding_mode = padding_mode
+        self.detach_views = bool(detach_views)
         target = grid_points(rows, cols, margin)
         self.register_buffer("target_points", target, persistent=False)
         size = self.output_size or (28, 28)
@@ -167,7 +174,8 @@ class SpatialTransformer(nn.Module):
             view = images
             if params:
                 view_size = stage.loc_net.input_size or self.out_size(images)
-                view = self.sample(images, self.compose(params, view_size, images))
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_views):
+                    view = self.sample(images, self.compose(params, view_size, images))
             params.append(stage.loc_net(view))
         return params
 

@@ -675,6 +675,39 @@ def test_a_stage_applied_twice_reads_its_own_view_and_composes_the_two_maps():
     )  # no new weights: the same loc-net twice
 
 
+def test_detached_views_give_the_same_warp_and_drop_only_the_gradient_through_the_view():
+    """detach_views: the output is the plain path's, the TPS stage's gradients are equal, and the similarity
+    stage's gradient is the plain one less the part that flows through the TPS loc-net's view (chain rule:
+    the plain gradient is the sum of the final-grid path and the view path, each computed here alone)."""
+    x = images(4)
+    plain = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP)
+    _perturb(plain)
+    with torch.no_grad():  # a head that reads its view (a fresh head's last layer is zero: the identity)
+        last = plain.loc_nets[1].head[-1].weight
+        last.copy_(0.01 * torch.randn(last.shape, generator=torch.Generator().manual_seed(2)))
+    detached = copy.deepcopy(plain)
+    detached.detach_views = True
+    weights = torch.randn(4, 1, 42, 42, generator=torch.Generator().manual_seed(1))
+
+    def gradients(stn, grid_params=None):
+        stn.zero_grad()
+        params = stn.localize(x)
+        grid = stn.grid(params if grid_params is None else grid_params(params), x)
+        (stn.sample(x, grid) * weights).sum().backward()
+        return [[p.grad.clone() for p in loc_net.parameters()] for loc_net in stn.loc_nets], stn.sample(x, grid)
+
+    (first, second), out = gradients(plain)
+    (first_detached, second_detached), out_detached = gradients(detached)
+    (first_view, _), _ = gradients(plain, lambda params: [params[0].detach(), params[1]])
+    torch.testing.assert_close(out_detached, out)
+    for a, b in zip(second_detached, second):
+        torch.testing.assert_close(a, b)
+    for total, final_grid, view_path in zip(first, first_detached, first_view):
+        torch.testing.assert_close(final_grid + view_path, total, atol=1e-6, rtol=1e-4)
+    assert max(float(g.abs().max()) for g in first_view) > 1e-4  # the view path carries a gradient to remove
+    assert SpatialTransformer(["similarity", "tps"], loc_net=CHEAP).detach_views is False
+
+
 def test_passes_per_stage_order_the_chain_and_keep_one_health_report_per_stage():
     stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=[3, 1])
     assert stn.chain == (0, 0, 0, 1) and len(stn.loc_nets) == 2

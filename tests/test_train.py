@@ -377,19 +377,21 @@ def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
     assert read_metrics(run)["config"]["model"]["equivariance"] == {"weight": 1.0, "angle": 30.0, "log_scale": 0.0}
 
 
-def test_turned_negatives_and_passes_through_the_script(tmp_path, tiny_run):
-    """model.turned_negatives and model.passes through the real script: the negatives' loss is logged
-    every step while the classifier learns (epoch 0 of the recipe), and both land in the config."""
+def test_turned_negatives_passes_and_detached_views_through_the_script(tmp_path, tiny_run):
+    """model.turned_negatives, model.passes and model.detach_views through the real script: the negatives'
+    loss is logged every step while the classifier learns (epoch 0 of the recipe), all three land in the
+    config, and the checkpoint rebuilds a transformer that detaches its views."""
     run, _ = run_script(
         "train.py", tmp_path, "negatives", "+experiment=mnist_tps", *tiny_run, "model.turned_negatives.weight=1",
-        "model.passes=[2,1]", "trainer.limit_train_batches=5",
+        "model.passes=[2,1]", "model.detach_views=true", "trainer.limit_train_batches=5",
     )
     values = [event.value for event in events(run).Scalars("train/turned_negatives")]
     assert len(values) == 5 and all(math.isfinite(v) and v >= 0 for v in values)
     model = read_metrics(run)["config"]["model"]
     assert model["turned_negatives"] == {"weight": 1.0, "min_angle": 20.0, "max_angle": 45.0}
-    assert model["passes"] == [2, 1]
+    assert model["passes"] == [2, 1] and model["detach_views"] is True
     assert {"loc/stage1/param_std", "loc/stage2/param_std"} <= set(events(run).Tags()["scalars"])
+    assert STNClassifier.from_checkpoint(read_metrics(run)["last_checkpoint"]).transformer.detach_views
 
 
 def test_bf16_and_compile_options_through_the_script_on_cpu(tmp_path, tiny_run):
