@@ -203,8 +203,8 @@ def pretrain_pose(
     cut.train()
     _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
-    head = head_name(full, backbone)
+    full_head = head_name(full, backbone)
     unexpected = full.load_state_dict(body, strict=False).unexpected_keys
     if unexpected:
         raise RuntimeError(f"the cut backbone's keys do not fit {backbone}: {unexpected[:5]}")
-    return {key: value for key, value in full.state_dict().items() if not key.startswith(f"{head}.")}
+    return {key: value for key, value in full.state_dict().items() if not key.startswith(f"{full_head}.")}
