@@ -28,7 +28,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from stn.errors import MissingInputError, SettingError
 
-__all__ = ["LocalizationNet", "build_backbone", "head_name", "loc_net_view"]
+__all__ = ["LocalizationNet", "build_backbone", "feature_size", "head_name", "loc_net_view"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,20 @@ def _load_backbone(backbone: str, weights: str | None) -> tuple[nn.Module, tuple
     return model, mean, std, True
 
 
+def feature_size(backbone: nn.Module, input_size: tuple[int, int]) -> int:
+    """How many features ``backbone`` gives a ``(1, 3, *input_size)`` image once flattened.
+
+    Probed in evaluation mode (no batch-norm statistics updated by the blank probe); the backbone's
+    training mode is restored.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(torch.zeros(1, 3, *input_size))
+    backbone.train(was_training)
+    return features.flatten(1).shape[1]
+
+
 class LocalizationNet(nn.Module):
     """Backbone + head predicting transform parameters, initialised to the identity.
 
@@ -261,13 +275,7 @@ class LocalizationNet(nn.Module):
             self.backbone.eval()
 
     def _feature_size(self) -> int:
-        size = self.input_size or (PROBE_SIZE, PROBE_SIZE)
-        was_training = self.backbone.training
-        self.backbone.eval()
-        with torch.no_grad():
-            features = self.backbone(torch.zeros(1, 3, *size))
-        self.backbone.train(was_training)
-        return features.flatten(1).shape[1]
+        return feature_size(self.backbone, self.input_size or (PROBE_SIZE, PROBE_SIZE))
 
     def train(self, mode: bool = True) -> LocalizationNet:
         super().train(mode)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
-from stn.localization import IMAGENET_MEAN, IMAGENET_STD, build_backbone, head_name, loc_net_view
+from stn.localization import IMAGENET_MEAN, IMAGENET_STD, build_backbone, feature_size, head_name, loc_net_view
 
 __all__ = ["pose_targets", "pretrain_backbone", "pretrain_pose"]
 
@@ -176,9 +176,7 @@ def pretrain_pose(
     torch.manual_seed(seed)
     full = torchvision.models.get_model(backbone, weights=None)
     cut, _, _, _ = build_backbone(backbone, None, feature_node)
-    with torch.no_grad():
-        features = cut.eval()(torch.zeros(1, 3, *input_size)).flatten(1).shape[1]  # eval: no batch-norm update
-    head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
+    head = nn.Sequential(nn.Linear(feature_size(cut, input_size), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
     generator = torch.Generator().manual_seed(seed)
     errors: list[Tensor] = []
     spreads: list[Tensor] = []
