@@ -67,6 +67,13 @@ def _hub_checkpoint_path(url: str) -> Path:
 
 
 def _enum_weights(backbone: str, name: str) -> torchvision.models.WeightsEnum:
+    if name == "pose":
+        raise SettingError(
+            "weights='pose' names a backbone pretrained on MNIST poses, which scripts/train.py makes (or finds "
+            "in paths.cache_dir) before it builds the model (stn.pose_weights.with_pose_weights). Building a "
+            "LocalizationNet directly, pass that file's path, e.g. the one scripts/pretrain_loc_net.py task=pose "
+            "writes, or DEFAULT or None."
+        )
     enum = torchvision.models.get_model_weights(backbone)
     choices = ["DEFAULT", *enum.__members__]
     if name not in choices:

@@ -1,8 +1,8 @@
 """What the scripts do: train, evaluate and warp from a Hydra config.
 
-The only module of the package that knows about Hydra/OmegaConf. Trainer, callbacks and logger are
-plain values in the config (``configs/trainer``, ``configs/callbacks``, ``configs/logger``); callbacks
-and loggers are Lightning's classes (or any others) named by ``_target_`` and built by Hydra here.
+With :mod:`stn.builders` (callbacks and loggers from their ``_target_``) the only modules of the package
+that know about Hydra/OmegaConf. The trainer's settings are plain values in the config
+(``configs/trainer``); what a run leaves behind is written by :mod:`stn.run_summary`.
 """
 
 from __future__ import annotations
@@ -12,146 +12,32 @@ import logging
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import save_image
 
+from stn.builders import build_callbacks, build_logger
 from stn.callbacks import StepSeed, RunInfo
 from stn.checkpoints import AtomicCheckpointIO, load_checkpoint, run_info
-from stn.errors import SettingError, user_error
+from stn.errors import user_error
 from stn.images import image_files, load_image
 from stn.module import STNClassifier
+from stn.pose_weights import with_pose_weights
 from stn.run_folders import LAST, register_resolvers, resume_point
+from stn.run_summary import scalars, write_summary
 
-__all__ = ["train", "evaluate", "warp", "build_callbacks", "build_logger"]
+__all__ = ["train", "evaluate", "warp"]
 
 log = logging.getLogger(__name__)
 
 register_resolvers()
 
 
-def build_callbacks(config: DictConfig | None) -> list[Callback]:
-    """Lightning callbacks from ``{name: {_target_: class, **kwargs} or null}``; null entries are skipped."""
-    return _build_targets(config, "callbacks", Callback, "lightning.pytorch.callbacks.ModelCheckpoint")
-
-
-def build_logger(config: DictConfig | None, purge_step: int | None = None) -> list[Logger] | bool:
-    """Lightning loggers from ``{name: {_target_: class, **kwargs} or null}``; ``False`` when there are none.
-
-    ``purge_step``: the step a resumed run starts from; TensorBoard loggers drop the events the killed
-    run wrote from that step on (``SummaryWriter(purge_step=...)``), so replayed steps show once.
-    """
-    def resume_kwargs(entry: DictConfig) -> dict:
-        return {"purge_step": purge_step} if purge_step is not None and _builds(entry, TensorBoardLogger) else {}
-
-    return _build_targets(config, "logger", Logger, "lightning.pytorch.loggers.TensorBoardLogger", resume_kwargs) or False
-
-
-def _builds(entry: DictConfig, kind: type) -> bool:
-    """Whether ``entry._target_`` names a subclass of ``kind`` (``False`` where it names no class)."""
-    try:
-        target = get_class(entry._target_)
-    except Exception:  # a wrong _target_ is reported when it is instantiated
-        return False
-    return issubclass(target, kind)
-
-
-def _build_targets(
-    config: DictConfig | None, group: str, kind: type, example: str,
-    extra_kwargs: Callable[[DictConfig], dict] = lambda entry: {},
-) -> list:
-    """One object per non-null entry of ``config``, instantiated by Hydra from its ``_target_`` (plus
-    ``extra_kwargs(entry)``)."""
-    built = []
-    for name, entry in (config or {}).items():
-        if entry is None:
-            continue
-        key = f"{group}.{name}"
-        if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise SettingError(
-                f"{key} has no _target_. Every entry of {group} names the class it builds, e.g. "
-                f"{key}._target_={example}, or is null to switch it off."
-            )
-        try:
-            built_object = instantiate(entry, **extra_kwargs(entry))
-        except InstantiationException as error:
-            if user_error(error):
-                raise
-            cause = error.__cause__ or error
-            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-            raise SettingError(
-                f"{key} could not be built from _target_={entry._target_} ({reason}). Give the full import "
-                f"path of a {kind.__name__} class and only keyword arguments it takes, e.g. {key}._target_={example}, "
-                f"or set {key}=null."
-            ) from error
-        if not isinstance(built_object, kind):
-            raise SettingError(
-                f"{key}._target_={entry._target_} built a {type(built_object).__name__}, not a Lightning "
-                f"{kind.__name__}. Name a {kind.__name__} class, e.g. {example}."
-            )
-        built.append(built_object)
-    return built
-
-
 def _resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-def _tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def _log_hparams(trainer: L.Trainer, config: dict, pretrained: bool, metrics: dict[str, float]) -> None:
-    """The HPARAMS tab: the flattened config and ``pretrained`` against the final metrics.
-
-    The metrics are already scalars of the run, so only the hparams summaries are written.
-    """
-    tensorboard = _tensorboard(trainer)
-    if tensorboard is None or not metrics:
-        return
-    writer = tensorboard.experiment._get_file_writer()
-    for summary in hparams({**_flatten(config), "pretrained": pretrained}, metrics):
-        writer.add_summary(summary)
-    writer.flush()
-
-
-def _finish(trainer: L.Trainer, config: dict, run_dir: str, metrics: dict[str, float], extra: dict) -> dict:
-    """Write ``metrics.json`` into the run folder and the hyperparameters + metrics to TensorBoard.
-
-    Only the global-zero process writes; under DDP the other ranks return the same summary.
-    """
-    summary = {"metrics": metrics, "config": config, **extra}
-    if not trainer.is_global_zero:
-        return summary
-    run_dir = Path(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    _log_hparams(trainer, config, extra["pretrained"], metrics)
-    log.info("Metrics: %s", json.dumps(metrics))
-    print(f"Run folder: {run_dir}")
-    return summary
-
-
-def _scalars(trainer: L.Trainer, prefix: str) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -191,10 +77,11 @@ def _train(cfg: DictConfig) -> dict:
     if finished:
         print(f"Already finished, skipped: {finished}")
         return json.loads(finished.read_text())
+    datamodule = instantiate(cfg.data)
+    model_config = _with_pose_weights(cfg, datamodule.image_size)  # before seeding: pretraining seeds itself
     seed = L.seed_everything(cfg.seed, workers=True)
     callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg)), StepSeed(seed)]
-    datamodule = instantiate(cfg.data)
-    model: STNClassifier = instantiate(cfg.model)
+    model: STNClassifier = instantiate(model_config)
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path and cfg.train else None
     if checkpoint is not None:
         model.check_checkpoint(checkpoint, ckpt_path)
@@ -203,7 +90,7 @@ def _train(cfg: DictConfig) -> dict:
     metrics: dict[str, float] = {}
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics.update(_scalars(trainer, "val/"))
+        metrics.update(scalars(trainer, "val/"))
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     last = _last_checkpoint(trainer)  # before testing: restoring the best checkpoint resets the callback's record
     if cfg.test:
@@ -211,7 +98,7 @@ def _train(cfg: DictConfig) -> dict:
         if cfg.train and not best:
             log.warning("No best checkpoint was saved (checkpointing off?): testing the final weights.")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics.update(_scalars(trainer, "test/"))
+        metrics.update(scalars(trainer, "test/"))
     extra = {
         "pretrained": model.pretrained,
         "best_checkpoint": best or None,
@@ -221,7 +108,22 @@ def _train(cfg: DictConfig) -> dict:
         "world_size": trainer.world_size,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
-    return _finish(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
+    return write_summary(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
+
+
+def _with_pose_weights(cfg: DictConfig, image_size: tuple[int, int]) -> DictConfig:
+    """``cfg.model`` with each ``weights: pose`` replaced by its cached pose-pretrained file
+    (:mod:`stn.pose_weights`; made from the training digits of ``cfg.data`` when missing)."""
+
+    def train_images() -> torch.Tensor:
+        data = instantiate(cfg.data, distortion="none")
+        data.prepare_data()
+        data.setup("fit")
+        return data.train_set.images
+
+    settings = _resolved(cfg.pose_pretraining)
+    model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, image_size, train_images)
+    return OmegaConf.create(model)
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
@@ -253,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     config = {**run["config"], **resolved}
     config["model"] = {**config.get("model", {}), "passes": model.hparams.passes}
-    return _finish(trainer, config, cfg.paths.output_dir, _scalars(trainer, "test/"), extra)
+    return write_summary(trainer, config, cfg.paths.output_dir, scalars(trainer, "test/"), extra)
 
 
 def warp(cfg: DictConfig) -> list[Path]:

@@ -32,7 +32,7 @@ from stn.errors import SettingError
 from stn.localization import LocalizationNet
 from stn.tps import TPSGridGen, grid_points
 
-__all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_theta", "affine_points"]
+__all__ = ["SpatialTransformer", "TransformStage", "TRANSFORMS", "similarity_theta", "affine_points", "stage_kinds"]
 
 TRANSFORMS = ("tps", "affine", "similarity", "none")
 STAGE_KINDS = ("tps", "affine", "similarity")
@@ -132,7 +132,7 @@ class SpatialTransformer(nn.Module):
         detach_views: bool = False,
     ):
         super().__init__()
-        kinds = _stage_kinds(transform)
+        kinds = stage_kinds(transform)
         settings = _stage_loc_net_settings(dict(loc_net or {}), stage_loc_nets, kinds)
         self.transform = "+".join(kinds) or "none"
         self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
@@ -237,7 +237,8 @@ class SpatialTransformer(nn.Module):
         return self.sample(images, self.grid(self.localize(images), images))
 
 
-def _stage_kinds(transform: str | Sequence[str]) -> list[str]:
+def stage_kinds(transform: str | Sequence[str]) -> list[str]:
+    """The stages of ``model.transform`` in order (``[]`` for ``"none"``); raises for an unknown one."""
     kinds = [transform] if isinstance(transform, str) else list(transform)
     if kinds == ["none"]:
         return []

@@ -15,7 +15,7 @@ MNIST_ROOT = os.environ.get("STN_DATA_DIR", "")
 HAS_MNIST = bool(MNIST_ROOT) and (Path(MNIST_ROOT) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
 
 # 3 training batches of 32, 2 validation and 2 test batches, a 16x16 loc-net view, one epoch; the pose
-# split at test on 40 digits x 3 draws.
+# split at test on 40 digits x 3 draws; model.loc_net.weights=pose pretrained for one epoch on 256 digits.
 TINY_RUN = [
     "data.batch_size=32",
     "data.val_size=256",
@@ -29,6 +29,8 @@ TINY_RUN = [
     "callbacks.rich_progress_bar=null",
     "callbacks.pose_split.digits=40",
     "callbacks.pose_split.draws=3",
+    "pose_pretraining.epochs=1",
+    "pose_pretraining.digits=256",
 ]
 
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.compat.proto.event_pb2 import SessionLog
 
 from stn.errors import SettingError
-from stn.runner import build_callbacks, build_logger
+from stn.builders import build_callbacks, build_logger
 
 
 def test_callbacks_are_built_from_their_target_and_null_entries_are_skipped(tmp_path):

@@ -377,6 +377,27 @@ def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
     assert read_metrics(run)["config"]["model"]["equivariance"] == {"weight": 1.0, "angle": 30.0, "log_scale": 0.0}
 
 
+def test_main_job_pretrains_its_loc_net_backbones_once_and_keeps_them_frozen(tmp_path, tiny_run):
+    """The main job's model.loc_net.weights=pose through the real script: the first run pretrains the
+    backbone on training digits and caches it in paths.cache_dir; both frozen stages hold exactly its
+    weights after training; a second run finds the file instead of pretraining again."""
+    run, output = run_script("train.py", tmp_path, "pose", "+experiment=mnist_tps", *tiny_run)
+    cached = list((tmp_path / "pose" / "cache").glob("*.pth"))
+    assert len(cached) == 1 and cached[0].name.startswith("shufflenet_v2_x0_5_stage2_16x16_rts_pose_"), cached
+    assert "pretraining shufflenet_v2_x0_5 cut at stage2 on a 16x16 view to read the rts pose of 256 training digits" in output
+    summary = read_metrics(run)
+    assert summary["pretrained"] is True and summary["config"]["model"]["loc_net"]["weights"] == "pose"
+    assert summary["config"]["pose_pretraining"]["digits"] == 256
+    state = torch.load(cached[0], map_location="cpu", weights_only=True)
+    model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
+    for loc_net in model.transformer.loc_nets:
+        trained = {key.removeprefix("body."): value for key, value in loc_net.backbone.state_dict().items()}
+        assert trained and all(torch.equal(value, state[key]) for key, value in trained.items())
+    _, output = run_script("train.py", tmp_path, "again", "+experiment=mnist_tps", *tiny_run,
+                           f"paths.cache_dir={tmp_path / 'pose' / 'cache'}")
+    assert "the cached pose-pretrained backbone" in output and "pretraining shufflenet" not in output
+
+
 def test_turned_negatives_passes_and_detached_views_through_the_script(tmp_path, tiny_run):
     """model.turned_negatives, model.passes and model.detach_views through the real script: the negatives'
     loss is logged every step while the classifier learns (epoch 0 of the recipe), all three land in the
