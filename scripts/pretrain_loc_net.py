@@ -4,6 +4,7 @@ task=classes (default) classifies undistorted digits and writes <run folder>/<ba
 task=pose regresses the pose of freshly distorted digits (stn.pretraining.pretrain_pose) and writes
 <run folder>/<backbone>_<feature_node>_<distortion>_pose.pth. Use the file as model.loc_net.weights=<path>.
 Only the training split is read (the validation split of data.eval_seed and the test set are not).
+model.loc_net.weights=pose makes the task=pose file inside a training run instead, cached (stn.pose_weights).
 """
 
 import os

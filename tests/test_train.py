@@ -117,7 +117,7 @@ def test_tensorboard_holds_scalars_images_and_hparams(tps_run):
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", "test/error"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
     lr_tags = [t for t in tags["scalars"] if t.startswith("lr-")]
-    assert {t.split("/")[-1] for t in lr_tags} == {"classifier", "loc_head", "loc_backbone"}
+    assert {t.split("/")[-1] for t in lr_tags} == {"classifier", "loc_head"}  # the recipe's backbones are frozen
     assert len(tensorboard.Scalars("train/loss")) == 2 * STEPS_PER_EPOCH
     assert len(tensorboard.Scalars("val/acc")) == 2
     test_error = tensorboard.Scalars("test/error")[-1].value
@@ -284,6 +284,7 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     stage starts learning; r has no shift to undo."""
     run, output = run_script(
         "train.py", tmp_path, "levers", "+experiment=mnist_tps", *tiny_run, "model.loc_net.weights=null",
+        "model.loc_net.freeze_backbone=false",
         "data.distortion=r", "model.transform=[affine,tps]", "model.classifier.pool=gap",
         "data.clean_epochs=0.5", "data.growth_epochs=1", "model.output_size=null", "model.freeze_classifier=[0,2]",
         "model.loc_net.head_norm=true",
