@@ -252,7 +252,7 @@ class LocalizationNet(nn.Module):
                 "model.loc_net.input_size=32."
             )
         self.output_shape = tuple(initial.shape)
-        self.input_size = None if input_size is None else _pair(input_size)
+        self.input_size = None if input_size is None else view_size(input_size)
         self.freeze_backbone = bool(freeze_backbone)
         self.bounded = bool(bounded)
         self.lr_mult = float(lr_mult)
@@ -321,7 +321,8 @@ def loc_net_view(images: Tensor, input_size: tuple[int, int] | None, mean: Tenso
     return (images.expand(-1, 3, -1, -1) - mean) / std  # grey: resized once, then repeated
 
 
-def _pair(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:
+def view_size(size: tuple[int, int] | list[int] | int) -> tuple[int, int]:
+    """``model.loc_net.input_size`` as ``(H, W)``; raises for anything but one or two positive ints."""
     if isinstance(size, int):
         return size, size
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):

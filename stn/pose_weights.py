@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from stn.errors import SettingError
+from stn.localization import view_size
 from stn.pretraining import pretrain_pose
 from stn.transformer import stage_kinds
 
@@ -52,26 +53,13 @@ def pose_weights_file(
     return Path(cache_dir) / f"{backbone}_{feature_node}_{height}x{width}_{settings['distortion']}_pose_{digest}.pth"
 
 
-def _view_size(loc_net: Mapping[str, Any], image_size: tuple[int, int]) -> tuple[int, int]:
-    size = loc_net.get("input_size")
-    if size is None:
-        return tuple(image_size)
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def _made(path: Path, loc_net: Mapping[str, Any], size: tuple[int, int], settings: Mapping[str, Any],
           train_images: Callable[[], Tensor]) -> Path:
     """``path``, after pretraining the backbone and writing it there if it is not cached yet."""
     if path.is_file():
         log.info("model.loc_net.weights=pose: the cached pose-pretrained backbone %s", path)
         return path
-    backbone, node = loc_net["backbone"], loc_net.get("feature_node")
-    if node is None:
-        raise SettingError(
-            f"model.loc_net.weights=pose pretrains the {backbone} backbone cut at model.loc_net.feature_node, "
-            "which is null. Set model.loc_net.feature_node to the node the loc-net reads (e.g. stage2 for "
-            "shufflenet_v2_x0_5, layer1 for resnet18), or choose other weights (DEFAULT, a .pth path, null)."
-        )
+    backbone, node = loc_net["backbone"], loc_net["feature_node"]
     options = {key: value for key, value in settings.items() if key != "digits"}
     images = train_images()
     if settings.get("digits") is not None:
@@ -95,7 +83,6 @@ def with_pose_weights(
     model: Mapping[str, Any],
     settings: Mapping[str, Any],
     cache_dir: str | Path,
-    image_size: tuple[int, int],
     train_images: Callable[[], Tensor],
 ) -> dict[str, Any]:
     """The ``model`` settings with every loc-net's ``weights: pose`` replaced by its cached file.
@@ -104,8 +91,6 @@ def with_pose_weights(
         model: the ``model`` config as plain data (``loc_net`` and ``stage_loc_nets`` are read).
         settings: the ``pose_pretraining`` config.
         cache_dir: where the files are kept (``paths.cache_dir``).
-        image_size: ``(H, W)`` of the images the model receives: the view of a loc-net whose
-            ``input_size`` is null.
         train_images: returns the ``(N, 1, 28, 28)`` uint8 training digits; called only when a file
             has to be made.
 
@@ -122,7 +107,14 @@ def with_pose_weights(
     def resolved(entry: Mapping[str, Any]) -> Any:
         if entry.get("weights") != POSE:
             return entry.get("weights")
-        size = _view_size(entry, image_size)
+        if entry.get("feature_node") is None or entry.get("input_size") is None:
+            raise SettingError(
+                f"model.loc_net.weights=pose pretrains the {entry['backbone']} backbone cut at "
+                f"model.loc_net.feature_node on a view of model.loc_net.input_size (now {entry.get('feature_node')} and "
+                f"{entry.get('input_size')}). Set both to what the loc-net reads (e.g. feature_node=stage2 input_size=32 "
+                "for shufflenet_v2_x0_5, layer1 and 32 for resnet18), or choose other weights (DEFAULT, a .pth path, null)."
+            )
+        size = view_size(entry["input_size"])
         path = pose_weights_file(entry["backbone"], entry.get("feature_node"), size, settings, cache_dir)
         return str(_made(path, entry, size, settings, train_images))
 

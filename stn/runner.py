@@ -78,7 +78,7 @@ def _train(cfg: DictConfig) -> dict:
         print(f"Already finished, skipped: {finished}")
         return json.loads(finished.read_text())
     datamodule = instantiate(cfg.data)
-    model_config = _with_pose_weights(cfg, datamodule.image_size)  # before seeding: pretraining seeds itself
+    model_config = _with_pose_weights(cfg)  # before seeding: pretraining seeds itself
     seed = L.seed_everything(cfg.seed, workers=True)
     callbacks = [*build_callbacks(cfg.get("callbacks")), RunInfo(_resolved(cfg)), StepSeed(seed)]
     model: STNClassifier = instantiate(model_config)
@@ -111,7 +111,7 @@ def _train(cfg: DictConfig) -> dict:
     return write_summary(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
 
 
-def _with_pose_weights(cfg: DictConfig, image_size: tuple[int, int]) -> DictConfig:
+def _with_pose_weights(cfg: DictConfig) -> DictConfig:
     """``cfg.model`` with each ``weights: pose`` replaced by its cached pose-pretrained file
     (:mod:`stn.pose_weights`; made from the training digits of ``cfg.data`` when missing)."""
 
@@ -122,7 +122,7 @@ def _with_pose_weights(cfg: DictConfig, image_size: tuple[int, int]) -> DictConf
         return data.train_set.images
 
     settings = _resolved(cfg.pose_pretraining)
-    model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, image_size, train_images)
+    model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, train_images)
     return OmegaConf.create(model)
 
 

@@ -38,7 +38,7 @@ class Calls:
 def test_pose_weights_are_made_once_and_equal_pretrain_pose(tmp_path):
     calls = Calls()
     model = {"transform": ["similarity", "tps"], "loc_net": LOC_NET, "stage_loc_nets": None}
-    resolved = with_pose_weights(model, SETTINGS, tmp_path, (42, 42), calls)
+    resolved = with_pose_weights(model, SETTINGS, tmp_path, calls)
     path = resolved["loc_net"]["weights"]
     assert path == str(pose_weights_file("shufflenet_v2_x0_5", "stage2", (16, 16), SETTINGS, tmp_path)) and calls.count == 1
     assert {key: value for key, value in resolved["loc_net"].items() if key != "weights"} == {
@@ -48,7 +48,7 @@ def test_pose_weights_are_made_once_and_equal_pretrain_pose(tmp_path):
     direct = pretrain_pose("shufflenet_v2_x0_5", "stage2", digits()[:48], input_size=(16, 16), **options)
     assert cached.keys() == direct.keys() and all(torch.equal(cached[key], direct[key]) for key in direct)
     # a second run finds the file and does not read the digits again
-    assert with_pose_weights(model, SETTINGS, tmp_path, (42, 42), calls)["loc_net"]["weights"] == path and calls.count == 1
+    assert with_pose_weights(model, SETTINGS, tmp_path, calls)["loc_net"]["weights"] == path and calls.count == 1
     net = LocalizationNet(torch.zeros(4), "shufflenet_v2_x0_5", path, "stage2", 16)
     assert net.pretrained and torch.equal(net.backbone.state_dict()["body.conv1.0.weight"], direct["conv1.0.weight"])
     assert not list(tmp_path.glob(".*.tmp")), "the partial file was renamed into place"
@@ -70,26 +70,25 @@ def test_each_stage_gets_the_file_of_its_own_backbone_and_view(tmp_path):
     calls = Calls()
     model = {"transform": ["similarity", "tps"], "loc_net": LOC_NET,
              "stage_loc_nets": [{"input_size": 24}, {}]}
-    resolved = with_pose_weights(model, SETTINGS, tmp_path, (42, 42), calls)
+    resolved = with_pose_weights(model, SETTINGS, tmp_path, calls)
     first, second = (stage["weights"] for stage in resolved["stage_loc_nets"])
     assert first == str(pose_weights_file("shufflenet_v2_x0_5", "stage2", (24, 24), SETTINGS, tmp_path))
     assert second == resolved["loc_net"]["weights"] != first and calls.count == 2
     assert resolved["stage_loc_nets"][0]["input_size"] == 24
-    # a stage with weights of its own keeps them; a null view size is the image's size
-    model = {"transform": "tps", "loc_net": {**LOC_NET, "input_size": None}, "stage_loc_nets": [{"weights": None}]}
-    resolved = with_pose_weights(model, SETTINGS, tmp_path, (28, 28), calls)
-    assert resolved["stage_loc_nets"] == [{"weights": None}]
-    assert resolved["loc_net"]["weights"] == str(pose_weights_file("shufflenet_v2_x0_5", "stage2", (28, 28), SETTINGS, tmp_path))
+    # a stage with weights of its own keeps them
+    model = {"transform": "tps", "loc_net": LOC_NET, "stage_loc_nets": [{"weights": None}]}
+    assert with_pose_weights(model, SETTINGS, tmp_path, calls)["stage_loc_nets"] == [{"weights": None}]
 
 
-def test_no_loc_net_nothing_to_pretrain_and_a_pooled_backbone_is_refused(tmp_path):
+def test_no_loc_net_nothing_to_pretrain_and_a_pooled_or_unsized_loc_net_is_refused(tmp_path):
     def no_digits() -> torch.Tensor:
         raise AssertionError("nothing should be pretrained")
 
     model = {"transform": "none", "loc_net": LOC_NET}
-    assert with_pose_weights(model, SETTINGS, tmp_path, (42, 42), no_digits) == model
-    pooled = {"transform": "tps", "loc_net": {**LOC_NET, "feature_node": None}}
-    with pytest.raises(SettingError, match=r"model\.loc_net\.feature_node"):
-        with_pose_weights(pooled, SETTINGS, tmp_path, (42, 42), no_digits)
+    assert with_pose_weights(model, SETTINGS, tmp_path, no_digits) == model
+    for missing in ("feature_node", "input_size"):  # the pretext pretrains the cut the loc-net reads, on its view
+        model = {"transform": "tps", "loc_net": {**LOC_NET, missing: None}}
+        with pytest.raises(SettingError, match=rf"model\.loc_net\.feature_node on a view of model\.loc_net\.input_size"):
+            with_pose_weights(model, SETTINGS, tmp_path, no_digits)
     with pytest.raises(SettingError, match=r"scripts/train\.py makes"):
         LocalizationNet(torch.zeros(4), "shufflenet_v2_x0_5", "pose", "stage2", 16)
