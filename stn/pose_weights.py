@@ -115,7 +115,7 @@ def with_pose_weights(
                 "for shufflenet_v2_x0_5, layer1 and 32 for resnet18), or choose other weights (DEFAULT, a .pth path, null)."
             )
         size = view_size(entry["input_size"])
-        path = pose_weights_file(entry["backbone"], entry.get("feature_node"), size, settings, cache_dir)
+        path = pose_weights_file(entry["backbone"], entry["feature_node"], size, settings, cache_dir)
         return str(_made(path, entry, size, settings, train_images))
 
     if model.get("stage_loc_nets"):
