@@ -28,7 +28,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from stn.errors import MissingInputError, SettingError
 
-__all__ = ["LocalizationNet", "build_backbone", "feature_size", "head_name", "loc_net_view"]
+__all__ = ["LocalizationNet", "build_backbone", "feature_size", "head_name", "loc_net_view", "view_size"]
 
 log = logging.getLogger(__name__)
 
