@@ -19,7 +19,7 @@ from omegaconf import DictConfig  # noqa: E402
 from stn.cli import report_user_errors  # noqa: E402
 from stn.errors import SettingError  # noqa: E402
 from stn.pretraining import pretrain_backbone, pretrain_pose  # noqa: E402
-from stn.runner import register_resolvers  # noqa: E402
+from stn.runner import register_resolvers, training_split  # noqa: E402
 
 register_resolvers()
 
@@ -29,10 +29,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     if cfg.task not in ("classes", "pose"):
         raise SettingError(f"task={cfg.task!r} is not a pretraining task: set task=classes or task=pose.")
-    datamodule = hydra.utils.instantiate(cfg.data, distortion="none")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    train = datamodule.train_set
+    train = training_split(cfg.data)
     size = (cfg.input_size, cfg.input_size)
     if cfg.task == "classes":
         state = pretrain_backbone(cfg.backbone, train.images, train.labels, size, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed)

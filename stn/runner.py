@@ -24,12 +24,13 @@ from stn.callbacks import StepSeed, RunInfo
 from stn.checkpoints import AtomicCheckpointIO, load_checkpoint, run_info
 from stn.errors import user_error
 from stn.images import image_files, load_image
+from stn.data.mnist import TensorPairs
 from stn.module import STNClassifier
 from stn.pose_weights import with_pose_weights
 from stn.run_folders import LAST, register_resolvers, resume_point
 from stn.run_summary import scalars, write_summary
 
-__all__ = ["train", "evaluate", "warp"]
+__all__ = ["train", "evaluate", "warp", "training_split"]
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,18 @@ def _with_pose_weights(cfg: DictConfig) -> DictConfig:
     """``cfg.model`` with each ``weights: pose`` replaced by its cached pose-pretrained file
     (:mod:`stn.pose_weights`; made from the training digits of ``cfg.data`` when missing)."""
 
-    def train_images() -> torch.Tensor:
-        data = instantiate(cfg.data, distortion="none")
-        data.prepare_data()
-        data.setup("fit")
-        return data.train_set.images
-
     settings = _resolved(cfg.pose_pretraining)
-    model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, train_images)
+    model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, lambda: training_split(cfg.data).images)
     return OmegaConf.create(model)
+
+
+def training_split(data: DictConfig) -> TensorPairs:
+    """The undistorted training digits and labels of the data config ``data`` (the validation split of its
+    ``eval_seed`` and the test set left out): what offline pretraining may read."""
+    datamodule = instantiate(data, distortion="none")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.train_set
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
