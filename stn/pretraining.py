@@ -32,7 +32,7 @@ from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_A
 from stn.errors import SettingError
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, build_backbone, feature_size, head_name, loc_net_view
 
-__all__ = ["pose_targets", "pretrain_backbone", "pretrain_pose"]
+__all__ = ["pose_pretext", "pose_targets", "pretrain_backbone", "pretrain_pose"]
 
 POSE_PARTS = {"r": ("angle",), "rts": ("angle", "log_scale", "shift_x", "shift_y")}
 
@@ -126,6 +126,12 @@ def _check_pose_distortion(name: str) -> None:
             f"distortion={name!r} has no pose to pretrain on: pose pretraining regresses the angle of r or "
             "the angle, scale and shift of rts. Set distortion=rts (or r), or task=classes."
         )
+
+
+def pose_pretext(distortion: str) -> str:
+    """The pose a loc-net backbone pretrains on for data distorted by ``distortion``: its own where it
+    draws one (``r``, ``rts``), else ``rts`` (``p`` and ``e`` draw no angle, scale or shift; ``none`` nothing)."""
+    return distortion if distortion in POSE_PARTS else "rts"
 
 
 def pose_targets(name: str, params: dict[str, Tensor]) -> Tensor:

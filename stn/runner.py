@@ -27,6 +27,7 @@ from stn.images import image_files, load_image
 from stn.data.mnist import TensorPairs
 from stn.module import STNClassifier
 from stn.pose_weights import with_pose_weights
+from stn.pretraining import pose_pretext
 from stn.run_folders import LAST, register_resolvers, resume_point
 from stn.run_summary import scalars, write_summary
 
@@ -117,6 +118,8 @@ def _with_pose_weights(cfg: DictConfig) -> DictConfig:
     (:mod:`stn.pose_weights`; made from the training digits of ``cfg.data`` when missing)."""
 
     settings = _resolved(cfg.pose_pretraining)
+    if settings["distortion"] is None:
+        settings["distortion"] = pose_pretext(cfg.data.distortion)
     model = with_pose_weights(_resolved(cfg.model), settings, cfg.paths.cache_dir, lambda: training_split(cfg.data).images)
     return OmegaConf.create(model)
 

@@ -381,7 +381,8 @@ def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
 def test_main_job_pretrains_its_loc_net_backbones_once_and_keeps_them_frozen(tmp_path, tiny_run):
     """The main job's model.loc_net.weights=pose through the real script: the first run pretrains the
     backbone on training digits and caches it in paths.cache_dir; both frozen stages hold exactly its
-    weights after training; a second run finds the file instead of pretraining again."""
+    weights after training; a second run finds the file instead of pretraining again. The pretext follows the
+    run's distortion (pose_pretraining.distortion=null): E draws no pose and reads the RTS file, R makes its own."""
     run, output = run_script("train.py", tmp_path, "pose", "+experiment=mnist_tps", *tiny_run)
     cached = list((tmp_path / "pose" / "cache").glob("*.pth"))
     assert len(cached) == 1 and cached[0].name.startswith("shufflenet_v2_x0_5_stage2_16x16_rts_pose_"), cached
@@ -394,9 +395,13 @@ def test_main_job_pretrains_its_loc_net_backbones_once_and_keeps_them_frozen(tmp
     for loc_net in model.transformer.loc_nets:
         trained = {key.removeprefix("body."): value for key, value in loc_net.backbone.state_dict().items()}
         assert trained and all(torch.equal(value, state[key]) for key, value in trained.items())
-    _, output = run_script("train.py", tmp_path, "again", "+experiment=mnist_tps", *tiny_run,
-                           f"paths.cache_dir={tmp_path / 'pose' / 'cache'}")
+    cache_dir = f"paths.cache_dir={tmp_path / 'pose' / 'cache'}"
+    _, output = run_script("train.py", tmp_path, "again", "+experiment=mnist_tps", *tiny_run, cache_dir, "data.distortion=e")
     assert "the cached pose-pretrained backbone" in output and "pretraining shufflenet" not in output
+    _, output = run_script("train.py", tmp_path, "turned", "+experiment=mnist_tps", *tiny_run, cache_dir, "data.distortion=r")
+    assert "pretraining shufflenet_v2_x0_5 cut at stage2 on a 16x16 view to read the r pose" in output
+    assert sorted(path.name.split("_pose_")[0] for path in (tmp_path / "pose" / "cache").glob("*.pth")) == [
+        "shufflenet_v2_x0_5_stage2_16x16_r", "shufflenet_v2_x0_5_stage2_16x16_rts"]
 
 
 def test_turned_negatives_passes_and_detached_views_through_the_script(tmp_path, tiny_run):
