@@ -116,7 +116,6 @@ def _train(cfg: DictConfig) -> dict:
 def _with_pose_weights(cfg: DictConfig) -> DictConfig:
     """``cfg.model`` with each ``weights: pose`` replaced by its cached pose-pretrained file
     (:mod:`stn.pose_weights`; made from the training digits of ``cfg.data`` when missing)."""
-
     settings = _resolved(cfg.pose_pretraining)
     if settings["distortion"] is None:
         settings["distortion"] = pose_pretext(cfg.data.distortion)
