@@ -167,16 +167,17 @@ def test_paper_table_sweep_composes_36_jobs():
 
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
     """resnet18 at layer1 with a normalised head, its pose-pretrained backbone learning on (8 epochs of pose
-    pretraining); everything else is mnist_tps's."""
+    pretraining), both stages learning from epoch 0 (as measured); everything else is mnist_tps's."""
     base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
     changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True, "freeze_backbone": False}
     assert {key: wide.model.loc_net[key] for key in changed} == changed and wide.model.loc_net.weights == "pose"
-    assert (wide.model.detach_views, wide.pose_pretraining.epochs) == (False, 8)
+    assert (wide.model.detach_views, wide.model.stage_start, wide.pose_pretraining.epochs) == (False, None, 8)
+    assert list(base.model.stage_start) == [0, 5]
     base, wide = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, wide))
     for key in changed:
         del base["model"]["loc_net"][key], wide["model"]["loc_net"][key]
     for cfg in (base, wide):
-        del cfg["model"]["detach_views"], cfg["pose_pretraining"]["epochs"]
+        del cfg["model"]["detach_views"], cfg["model"]["stage_start"], cfg["pose_pretraining"]["epochs"]
     for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
         assert wide[group] == base[group], group
 
