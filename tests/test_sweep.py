@@ -165,6 +165,16 @@ def test_paper_table_sweep_composes_36_jobs():
         assert (job.data.clean_epochs, job.data.growth_epochs, job.model.classifier.pool) == (1, 4, "flat")
 
 
+@pytest.mark.parametrize("experiment", sorted(path.stem for path in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_builds_its_model(experiment):
+    """Each experiment's model config instantiates (random loc-net weights: no pose file or download), e.g. the
+    CNN, which inherits mnist_tps's schedule but has no transformer stage to start."""
+    cfg = compose_train(f"+experiment={experiment}", "model.loc_net.weights=null")
+    model = instantiate(cfg.model)
+    transform = [] if cfg.model.transform == "none" else list(cfg.model.transform)
+    assert len(model.transformer.loc_nets) == len(transform)
+
+
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
     """resnet18 at layer1 with a normalised head, its pose-pretrained backbone frozen as mnist_tps's (8 epochs of
     pose pretraining), both stages learning from epoch 0 (as measured); everything else is mnist_tps's."""
