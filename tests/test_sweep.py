@@ -177,18 +177,17 @@ def test_every_experiment_builds_its_model(experiment):
 
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
     """resnet18 at layer1 with a normalised head, its pose-pretrained backbone frozen as mnist_tps's (8 epochs of
-    pose pretraining), both stages learning from epoch 0 (as measured); everything else is mnist_tps's."""
+    pose pretraining); everything else is mnist_tps's."""
     base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
     changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True}
     assert {key: wide.model.loc_net[key] for key in changed} == changed
     assert (wide.model.loc_net.weights, wide.model.loc_net.freeze_backbone, wide.model.detach_views) == ("pose", True, True)
-    assert (wide.model.stage_start, wide.pose_pretraining.epochs) == (None, 8)
-    assert list(base.model.stage_start) == [0, 5]
+    assert wide.pose_pretraining.epochs == 8
     base, wide = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, wide))
     for key in changed:
         del base["model"]["loc_net"][key], wide["model"]["loc_net"][key]
     for cfg in (base, wide):
-        del cfg["model"]["stage_start"], cfg["pose_pretraining"]["epochs"]
+        del cfg["pose_pretraining"]["epochs"]
     for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
         assert wide[group] == base[group], group
 
@@ -201,7 +200,7 @@ def test_the_r_experiment_is_the_resnet18_recipe_on_r_with_the_tps_joining_at_th
     assert (r.model.loc_net.freeze_backbone, r.model.detach_views) == (False, False)  # learning, as measured
     wide, r = (OmegaConf.to_container(cfg, resolve=False) for cfg in (wide, r))
     for cfg in (wide, r):
-        del cfg["data"]["distortion"], cfg["model"]["stage_start"], cfg["model"]["detach_views"]
+        del cfg["data"]["distortion"], cfg["model"]["detach_views"]
         del cfg["model"]["loc_net"]["weights"], cfg["model"]["loc_net"]["freeze_backbone"]
     for group in ("data", "model", "trainer", "callbacks"):
         assert r[group] == wide[group], group
