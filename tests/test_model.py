@@ -237,7 +237,7 @@ def test_other_backbones_and_three_channel_input():
         torch.testing.assert_close(net(torch.rand(2, 3, 40, 50)), target.expand(2, -1, -1))
 
 
-def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics():
+def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics(caplog):
     model = STNClassifier("tps", loc_net={**CHEAP, "freeze_backbone": True})
     model.train()
     backbone = model.transformer.loc_nets[0].backbone
@@ -245,6 +245,15 @@ def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics():
     names = [group["name"] for group in model.param_groups()]
     assert names == ["classifier", "loc_head"]
     assert all(not p.requires_grad for p in backbone.parameters())
+    assert "model.loc_net.freeze_backbone=true keeps the resnet18 backbone at its RANDOM initialisation" in caplog.text
+    assert "model.loc_net.weights=pose" in caplog.text and "model.loc_net.freeze_backbone=false" in caplog.text
+
+
+def test_a_frozen_pretrained_backbone_loads_quietly(tmp_path, caplog):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    net = LocalizationNet(torch.zeros(2, 3), weights=str(path), input_size=16, freeze_backbone=True)
+    assert net.pretrained and "RANDOM" not in caplog.text
 
 
 # ---------------------------------------------------------------- optimisation
