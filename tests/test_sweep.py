@@ -175,6 +175,15 @@ def test_every_experiment_builds_its_model(experiment):
     assert len(model.transformer.loc_nets) == len(transform)
 
 
+def test_the_affine_experiment_is_mnist_tps_with_an_affine_second_stage():
+    base, affine = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_affine")
+    assert list(affine.model.transform) == ["similarity", "affine"]
+    base, affine = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, affine))
+    del base["model"]["transform"], affine["model"]["transform"]
+    for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
+        assert affine[group] == base[group], group
+
+
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
     """resnet18 at layer1 with a normalised head, its pose-pretrained backbone frozen as mnist_tps's (8 epochs of
     pose pretraining); everything else is mnist_tps's."""
