@@ -227,7 +227,7 @@ def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypa
     launcher_cfg = cfg.hydra.launcher
     assert launcher_cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher_cfg.partition, launcher_cfg.gpus_per_node, launcher_cfg.tasks_per_node) == ("gpu", 4, 4)
-    assert (launcher_cfg.timeout_min, cfg.trainer.strategy) == (90, "ddp")
+    assert (launcher_cfg.timeout_min, cfg.trainer.strategy) == (90, "ddp_find_unused_parameters_true")
 
     launcher = instantiate(launcher_cfg)
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
