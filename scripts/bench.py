@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -223,7 +224,15 @@ def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(cfg.model)
+    # Random weights stand in for the pose-pretrained ones (a step's cost does not depend on their values), so
+    # the warning that a frozen backbone was left at random initialisation does not apply here.
+    localization_log = logging.getLogger("stn.localization")
+    level = localization_log.level
+    localization_log.setLevel(logging.ERROR)
+    try:
+        model = instantiate(cfg.model)
+    finally:
+        localization_log.setLevel(level)
     model.setup("fit")  # model.compile applies here, as in a Trainer
     return datamodule, model, AUTOCAST.get(str(cfg.trainer.precision))
 

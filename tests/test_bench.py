@@ -33,6 +33,7 @@ def test_bench_train_splits_a_step_into_its_phases_and_writes_json(tmp_path):
         assert result["eval_images_per_s"] > 0 and result["peak_memory_mb"] > 0
     assert report["results"]["mnist_tps"]["phases_ms"]["loc-net"] > report["results"]["mnist_cnn"]["phases_ms"]["loc-net"]
     assert "| mnist_tps |" in done.stdout and "training throughput / mnist_cnn's" in done.stdout
+    assert "RANDOM initialisation" not in done.stdout + done.stderr  # random weights stand in for pretrained ones
     assert report["results"]["mnist_tps"]["autocast"] is None
 
 
