@@ -175,13 +175,23 @@ def test_every_experiment_builds_its_model(experiment):
     assert len(model.transformer.loc_nets) == len(transform)
 
 
+def assert_only_differ_in(base, other, *settings: str) -> None:
+    """The composed configs ``base`` and ``other`` agree on every run setting but the dotted ``settings``."""
+    base, other = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, other))
+    for setting in settings:
+        *parents, key = setting.split(".")
+        for cfg in (base, other):
+            for parent in parents:
+                cfg = cfg[parent]
+            del cfg[key]
+    for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
+        assert other[group] == base[group], group
+
+
 def test_the_affine_experiment_is_mnist_tps_with_an_affine_second_stage():
     base, affine = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_affine")
     assert list(affine.model.transform) == ["similarity", "affine"]
-    base, affine = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, affine))
-    del base["model"]["transform"], affine["model"]["transform"]
-    for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
-        assert affine[group] == base[group], group
+    assert_only_differ_in(base, affine, "model.transform")
 
 
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
@@ -192,13 +202,7 @@ def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden()
     assert {key: wide.model.loc_net[key] for key in changed} == changed
     assert (wide.model.loc_net.weights, wide.model.loc_net.freeze_backbone, wide.model.detach_views) == ("pose", True, True)
     assert wide.pose_pretraining.epochs == 8
-    base, wide = (OmegaConf.to_container(cfg, resolve=False) for cfg in (base, wide))
-    for key in changed:
-        del base["model"]["loc_net"][key], wide["model"]["loc_net"][key]
-    for cfg in (base, wide):
-        del cfg["pose_pretraining"]["epochs"]
-    for group in ("data", "model", "trainer", "callbacks", "pose_pretraining"):
-        assert wide[group] == base[group], group
+    assert_only_differ_in(base, wide, *(f"model.loc_net.{key}" for key in changed), "pose_pretraining.epochs")
 
 
 def test_the_r_experiment_is_the_resnet18_recipe_on_r_with_the_tps_joining_at_the_thaw():
@@ -207,12 +211,8 @@ def test_the_r_experiment_is_the_resnet18_recipe_on_r_with_the_tps_joining_at_th
     assert r.model.stage_start[1] == r.model.freeze_classifier[1]  # the TPS joins when the classifier thaws
     assert r.model.loc_net.weights == "DEFAULT"  # measured from random initialisation offline, not pose-pretrained
     assert (r.model.loc_net.freeze_backbone, r.model.detach_views) == (False, False)  # learning, as measured
-    wide, r = (OmegaConf.to_container(cfg, resolve=False) for cfg in (wide, r))
-    for cfg in (wide, r):
-        del cfg["data"]["distortion"], cfg["model"]["detach_views"]
-        del cfg["model"]["loc_net"]["weights"], cfg["model"]["loc_net"]["freeze_backbone"]
-    for group in ("data", "model", "trainer", "callbacks"):
-        assert r[group] == wide[group], group
+    assert_only_differ_in(wide, r, "data.distortion", "model.detach_views", "model.loc_net.weights",
+                          "model.loc_net.freeze_backbone")
 
 
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
