@@ -195,24 +195,27 @@ def test_the_affine_experiment_is_mnist_tps_with_an_affine_second_stage():
 
 
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
-    """resnet18 at layer1 with a normalised head, its pose-pretrained backbone frozen as mnist_tps's (8 epochs of
-    pose pretraining); everything else is mnist_tps's."""
+    """resnet18 at layer2 on the full 42x42 canvas with a normalised head, its pose-pretrained backbone (16 epochs of
+    pose pretraining) frozen as mnist_tps's; everything else is mnist_tps's."""
     base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
-    changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True}
+    changed = {"backbone": "resnet18", "feature_node": "layer2", "input_size": 42, "head_norm": True}
     assert {key: wide.model.loc_net[key] for key in changed} == changed
     assert (wide.model.loc_net.weights, wide.model.loc_net.freeze_backbone, wide.model.detach_views) == ("pose", True, True)
-    assert wide.pose_pretraining.epochs == 8
+    assert wide.pose_pretraining.epochs == 16
     assert_only_differ_in(base, wide, *(f"model.loc_net.{key}" for key in changed), "pose_pretraining.epochs")
 
 
-def test_the_r_experiment_is_the_resnet18_recipe_on_r_with_the_tps_joining_at_the_thaw():
-    wide, r = compose_train("+experiment=mnist_tps_resnet18"), compose_train("+experiment=mnist_tps_r")
+def test_the_r_experiment_is_mnist_tps_on_r_with_learning_resnet18_loc_nets():
+    base, r = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_r")
     assert (r.data.distortion, list(r.model.stage_start)) == ("r", [0, 5])
     assert r.model.stage_start[1] == r.model.freeze_classifier[1]  # the TPS joins when the classifier thaws
+    changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True}
+    assert {key: r.model.loc_net[key] for key in changed} == changed
+    assert r.model.loc_net.input_size == 32
     assert r.model.loc_net.weights == "DEFAULT"  # measured from random initialisation offline, not pose-pretrained
     assert (r.model.loc_net.freeze_backbone, r.model.detach_views) == (False, False)  # learning, as measured
-    assert_only_differ_in(wide, r, "data.distortion", "model.detach_views", "model.loc_net.weights",
-                          "model.loc_net.freeze_backbone")
+    assert_only_differ_in(base, r, "data.distortion", "model.detach_views", "model.loc_net.weights",
+                          "model.loc_net.freeze_backbone", *(f"model.loc_net.{key}" for key in changed))
 
 
 def test_slurm_launcher_composes_and_writes_its_sbatch_script(tmp_path, monkeypatch):
