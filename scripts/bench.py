@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import math
 import os
 import platform
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from stn.data import DISTORTIONS, MNISTDataModule
-from stn.localization import LocalizationNet
+from stn.localization import LocalizationNet, random_backbones_replaced
 from stn.step_profile import PHASES, StepProfile, profile_training_steps
 from stn.tps import TPSGridGen, grid_points
 
@@ -224,15 +223,8 @@ def experiment_parts(name: str, overrides: list[str]) -> tuple[MNISTDataModule, 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    # Random weights stand in for the pose-pretrained ones (a step's cost does not depend on their values), so
-    # the warning that a frozen backbone was left at random initialisation does not apply here.
-    localization_log = logging.getLogger("stn.localization")
-    level = localization_log.level
-    localization_log.setLevel(logging.ERROR)
-    try:
+    with random_backbones_replaced():  # random weights stand in for pretrained ones: a step costs the same
         model = instantiate(cfg.model)
-    finally:
-        localization_log.setLevel(level)
     model.setup("fit")  # model.compile applies here, as in a Trainer
     return datamodule, model, AUTOCAST.get(str(cfg.trainer.precision))
 

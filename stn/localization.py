@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from stn.errors import MissingInputError, SettingError
 
-__all__ = ["LocalizationNet", "build_backbone", "feature_size", "head_name", "loc_net_view", "view_size"]
+__all__ = [
+    "LocalizationNet", "build_backbone", "feature_size", "head_name", "loc_net_view", "random_backbones_replaced", "view_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +323,19 @@ class LocalizationNet(nn.Module):
         if self.bounded:
             params = torch.tanh(params)
         return params.view(-1, *self.output_shape)
+
+
+@contextmanager
+def random_backbones_replaced() -> Iterator[None]:
+    """Build loc-nets whose random backbones the caller replaces right after (a checkpoint's trained weights, a
+    benchmark's stand-ins for pretrained ones), without the warning that a frozen backbone keeps its random
+    initialisation: that warning is for a run that trains it so."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def loc_net_view(images: Tensor, input_size: tuple[int, int] | None, mean: Tensor, std: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
 from stn.health import loc_net_health
+from stn.localization import random_backbones_replaced
 from stn.optimization import DEFAULT_OPTIMIZER, build_optimizer, build_scheduler, check_optimization, from_names
 from stn.pose import DIGIT_HALF_SIZE, MIN_READ, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
@@ -512,7 +513,8 @@ class STNClassifier(L.LightningModule):
         hparams["optimizer"], hparams["scheduler"] = from_names(hparams.get("optimizer"), hparams.get("scheduler"))
         if passes is not None:
             hparams["passes"] = passes
-        model = cls(**hparams)
+        with random_backbones_replaced():  # the checkpoint's weights follow
+            model = cls(**hparams)
         model.check_checkpoint(checkpoint, path)
         model.load_state_dict(_single_stage_keys(checkpoint["state_dict"]))
         for loc_net in model.transformer.loc_nets:

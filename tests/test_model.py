@@ -256,6 +256,24 @@ def test_a_frozen_pretrained_backbone_loads_quietly(tmp_path, caplog):
     assert net.pretrained and "RANDOM" not in caplog.text
 
 
+def test_a_frozen_pretrained_model_rebuilt_from_its_checkpoint_loads_quietly(tmp_path, caplog):
+    """from_checkpoint builds the loc-nets at random initialisation and loads the trained weights over them: no
+    warning that a frozen backbone keeps random weights, and the rebuilt model computes what the saved one did."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = STNClassifier("tps", loc_net={**CHEAP, "weights": str(weights), "freeze_backbone": True})
+    _perturb(model.transformer)
+    path = tmp_path / "frozen.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "pretrained": True}, path)
+    caplog.clear()
+    loaded = STNClassifier.from_checkpoint(str(path)).eval()
+    assert "RANDOM" not in caplog.text and loaded.transformer.loc_nets[0].pretrained
+    x = images(2)
+    torch.testing.assert_close(loaded.transformer(x), model.eval().transformer(x))
+    STNClassifier("tps", loc_net={**CHEAP, "freeze_backbone": True})  # the warning still fires where it applies
+    assert "keeps the resnet18 backbone at its RANDOM initialisation" in caplog.text
+
+
 # ---------------------------------------------------------------- optimisation
 
 
