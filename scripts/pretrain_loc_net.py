@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         name = f"{cfg.backbone}_mnist.pth"
     else:
         state = pretrain_pose(cfg.backbone, cfg.feature_node, train.images, cfg.distortion, size, cfg.epochs,
-                              cfg.batch_size, cfg.lr, cfg.hidden, cfg.seed)
+                              cfg.batch_size, cfg.lr, cfg.hidden, cfg.seed, cfg.backbone_dtype)
         name = f"{cfg.backbone}_{cfg.feature_node}_{cfg.distortion}_pose.pth"
     path = Path(cfg.paths.output_dir) / name
     torch.save(state, path)

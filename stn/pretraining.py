@@ -30,7 +30,10 @@ from torch import Tensor, nn
 
 from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
-from stn.localization import IMAGENET_MEAN, IMAGENET_STD, build_backbone, feature_size, head_name, loc_net_view
+from stn.localization import (
+    IMAGENET_MEAN, IMAGENET_STD, backbone_autocast, build_backbone, check_backbone_dtype, feature_size, head_name,
+    loc_net_view,
+)
 
 __all__ = ["pose_pretext", "pose_targets", "pretrain_backbone", "pretrain_pose"]
 
@@ -163,6 +166,7 @@ def pretrain_pose(
     lr: float = 1e-3,
     hidden: int = 64,
     seed: int = 0,
+    backbone_dtype: str = "float32",
 ) -> dict[str, Tensor]:
     """Train ``backbone`` cut at ``feature_node`` to regress the pose of distorted ``images``; return the
     whole torchvision model's ``state_dict`` (the layers after the cut as initialised).
@@ -176,8 +180,11 @@ def pretrain_pose(
         epochs, batch_size, lr: Adam with a one-cycle schedule on the mean squared error.
         hidden: width of the regression head's hidden layer (discarded afterwards).
         seed: initialisation, shuffling and the distortion draws.
+        backbone_dtype: ``float32``, or ``bfloat16`` / ``float16`` to run the backbone under autocast (mixed
+            precision: the weights, the head and the loss stay float32), as ``model.loc_net.backbone_dtype``.
     """
     _check_pose_distortion(distortion)
+    check_backbone_dtype(backbone_dtype, "pose_pretraining.backbone_dtype")
     parts = POSE_PARTS[distortion]
     torch.manual_seed(seed)
     full = torchvision.models.get_model(backbone, weights=None)
@@ -190,7 +197,10 @@ def pretrain_pose(
     def batch_loss(index: Tensor) -> Tensor:
         params = sample_params(distortion, index.shape[0], generator)
         target = pose_targets(distortion, params)
-        predicted = head(cut(_view(warp(images[index], distortion, params), input_size)).flatten(1))
+        view = _view(warp(images[index], distortion, params), input_size)
+        with backbone_autocast(backbone_dtype, view.device.type):
+            features = cut(view)
+        predicted = head(features.flatten(1).float())
         errors.append((predicted.detach() - target).square().sum(0))
         spreads.append(target.square().sum(0))
         return F.mse_loss(predicted, target)

@@ -237,6 +237,44 @@ def test_other_backbones_and_three_channel_input():
         torch.testing.assert_close(net(torch.rand(2, 3, 40, 50)), target.expand(2, -1, -1))
 
 
+def _first_conv_dtypes(net: LocalizationNet) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    conv = next(module for module in net.backbone.modules() if isinstance(module, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def test_a_bfloat16_backbone_reads_what_the_float32_one_reads_and_hands_the_head_float32():
+    """model.loc_net.backbone_dtype=bfloat16 runs the backbone's convolutions in bfloat16 (autocast) and gives the
+    head float32 features within bfloat16's rounding of the float32 backbone's; gradients still reach a learning
+    backbone. float32 leaves an outer autocast (trainer.precision=bf16-mixed) in charge."""
+    batch = images(4, 42)
+    nets = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        nets[dtype] = LocalizationNet(
+            torch.zeros(4), weights=None, feature_node="layer2", input_size=32, backbone_dtype=dtype
+        )
+    convs = {dtype: _first_conv_dtypes(net) for dtype, net in nets.items()}
+    reference, rounded = (nets[dtype].features(batch) for dtype in ("float32", "bfloat16"))
+    assert convs == {"float32": [torch.float32], "bfloat16": [torch.bfloat16]}
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, reference)
+    assert float((rounded - reference).norm() / reference.norm()) < 2e-2
+    torch.nn.init.normal_(nets["bfloat16"].head[-1].weight)  # zero at the start: no gradient would pass
+    nets["bfloat16"](batch).sum().backward()
+    grads = [p.grad for p in nets["bfloat16"].backbone.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and bool(g.isfinite().all()) for g in grads)
+    assert all(bool(g.abs().sum() > 0) for g in grads[:3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nets["float32"].features(batch)
+    assert convs["float32"][-1] == torch.bfloat16
+
+
+def test_an_unknown_backbone_dtype_names_the_setting():
+    with pytest.raises(SettingError, match=r"model.loc_net.backbone_dtype='half'.*float32.*bfloat16"):
+        LocalizationNet(torch.zeros(4), **CHEAP, backbone_dtype="half")
+
+
 def test_frozen_backbone_gets_no_gradients_and_keeps_its_statistics(caplog):
     model = STNClassifier("tps", loc_net={**CHEAP, "freeze_backbone": True})
     model.train()

@@ -60,3 +60,41 @@ def test_pose_pretraining_trains_the_cut_keeps_the_rest_and_loads_as_loc_net_wei
     assert net.pretrained
     loaded = net.backbone.state_dict()
     assert all(torch.equal(loaded[f"body.{key}"], state[key]) for key in trained)
+
+
+def test_a_bfloat16_pretext_moves_the_weights_as_the_float32_one_within_adams_step(monkeypatch):
+    """pose_pretraining.backbone_dtype=bfloat16 runs the cut backbone's convolutions in bfloat16 (autocast) and
+    keeps float32 weights; from the same seed its weights stay within Adam's step bound of the float32 pretext's
+    (every Adam step moves a weight by at most about lr, so two runs of k steps differ by at most 2 k lr) while
+    differing from them (the rounding reached the gradients)."""
+    import stn.pretraining
+
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if module.training:  # the head's size is probed in evaluation mode: not a training step
+            seen.append(output.dtype)
+
+    def hooked(*args, **kwargs):
+        built = build(*args, **kwargs)
+        next(module for module in built[0].modules() if isinstance(module, torch.nn.Conv2d)).register_forward_hook(record)
+        return built
+
+    build = stn.pretraining.build_backbone
+    monkeypatch.setattr(stn.pretraining, "build_backbone", hooked)
+    digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 6:22, 12:16] = 255
+    lr, steps = 1e-3, 2
+    states = {dtype: pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), epochs=1, batch_size=32, lr=lr,
+                                   seed=3, backbone_dtype=dtype) for dtype in ("float32", "bfloat16")}
+    assert seen == [torch.float32] * steps + [torch.bfloat16] * steps
+    trained = [key for key in states["float32"] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
+    assert all(states["bfloat16"][key].dtype == torch.float32 for key in trained)
+    gaps = [float((states["bfloat16"][key] - states["float32"][key]).abs().max()) for key in trained]
+    assert max(gaps) <= 2 * steps * lr * 1.01 and max(gaps) > 0
+
+
+def test_an_unknown_pretext_dtype_names_the_setting():
+    digits = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(SettingError, match=r"pose_pretraining.backbone_dtype='fp8'.*bfloat16"):
+        pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), backbone_dtype="fp8")
