@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 from stn.data.mnist_files import read_split
 from stn.module import STNClassifier
 from stn.pose_split import pose_split
+from stn.pose_weights import pose_weights_file
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mnist]
@@ -402,6 +403,27 @@ def test_main_job_pretrains_its_loc_net_backbones_once_and_keeps_them_frozen(tmp
     assert "pretraining shufflenet_v2_x0_5 cut at stage2 on a 16x16 view to read the r pose" in output
     assert sorted(path.name.split("_pose_")[0] for path in (tmp_path / "pose" / "cache").glob("*.pth")) == [
         "shufflenet_v2_x0_5_stage2_16x16_r", "shufflenet_v2_x0_5_stage2_16x16_rts"]
+
+
+def test_the_resnet18_recipe_pretrains_and_reads_its_pose_in_bfloat16(tmp_path, tiny_run):
+    """mnist_tps_resnet18 through the real script: its resnet18 cut at layer2 is pose-pretrained under bfloat16
+    autocast (pose_pretraining.backbone_dtype) into a cache file of its own, float32 weights in it, and both frozen
+    stages read in bfloat16 (model.loc_net.backbone_dtype); the checkpoint rebuilds loc-nets that do."""
+    run, output = run_script("train.py", tmp_path, "resnet18", "+experiment=mnist_tps_resnet18", *tiny_run)
+    assert "pretraining resnet18 cut at layer2 on a 16x16 view to read the rts pose of 256 training digits" in output
+    summary = read_metrics(run)
+    assert summary["config"]["pose_pretraining"]["backbone_dtype"] == "bfloat16"
+    assert summary["config"]["model"]["loc_net"]["backbone_dtype"] == "bfloat16"
+    cached = list((tmp_path / "resnet18" / "cache").glob("*.pth"))
+    settings = {**summary["config"]["pose_pretraining"], "distortion": "rts"}
+    assert cached == [pose_weights_file("resnet18", "layer2", (16, 16), settings, tmp_path / "resnet18" / "cache")]
+    assert cached[0] != pose_weights_file("resnet18", "layer2", (16, 16), {**settings, "backbone_dtype": "float32"},
+                                          tmp_path / "resnet18" / "cache")
+    state = torch.load(cached[0], map_location="cpu", weights_only=True)
+    assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
+    model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
+    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == ["bfloat16", "bfloat16"]
+    assert math.isfinite(summary["metrics"]["test/pose/angle_left"])
 
 
 def test_turned_negatives_passes_and_detached_views_through_the_script(tmp_path, tiny_run):
