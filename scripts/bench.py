@@ -3,7 +3,7 @@
     python scripts/bench.py tps     # TPS warp: stn vs kornia vs a per-call-solve generator vs bare grid_sample
     python scripts/bench.py data    # distorted-MNIST training images/s per distortion (dataloader + distortion)
     python scripts/bench.py train mnist_tps mnist_affine mnist_cnn   # a training step, phase by phase
-    python scripts/bench.py loc_net shufflenet_v2_x0_5:stage2:32 mobilenet_v3_small:features.2:32   # loc-net cuts
+    python scripts/bench.py loc_net shufflenet_v2_x0_5:stage2:32 resnet18:layer2:42 --backbone-dtype bfloat16  # loc-net cuts
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from stn.data import DISTORTIONS, MNISTDataModule
-from stn.localization import LocalizationNet, random_backbones_replaced
+from stn.localization import BACKBONE_DTYPES, LocalizationNet, random_backbones_replaced
 from stn.step_profile import PHASES, StepProfile, profile_training_steps
 from stn.tps import TPSGridGen, grid_points
 
@@ -175,36 +175,45 @@ def loc_net_spec(spec: str) -> tuple[str, str | None, int | None]:
 
 def bench_loc_net(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.batch_size} images of "
-          f"{args.canvas}x{args.canvas}, random weights, {'channels-last' if args.channels_last else 'contiguous'}; "
-          "median ms of forward + backward; ratio = this cut / the first\n")
-    print("| loc-net (backbone:node:view) | parameters | head inputs | input without grad (first stage) ms | "
-          "input with grad (later stages) ms | / first (with grad) |")
-    print("|---|---|---|---|---|---|")
+          f"{args.canvas}x{args.canvas}, random weights, {'channels-last' if args.channels_last else 'contiguous'}, "
+          f"backbone in {args.backbone_dtype}; median ms; ratio = this cut / the first (learning, input with grad)\n")
+    print("| loc-net (backbone:node:view) | parameters | head inputs | frozen backbone, forward only ms | "
+          "forward + backward, input without grad (first stage) ms | input with grad (later stages) ms | / first |")
+    print("|---|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch_size, 1, args.canvas, args.canvas, generator=generator)
     images = images * (torch.rand(images.shape, generator=generator) > 0.8)  # mostly empty, as a digit canvas
     first = None
     for spec in args.specs:
         backbone, node, size = loc_net_spec(spec)
-        torch.manual_seed(0)
-        net = LocalizationNet(torch.zeros(4), backbone=backbone, weights=None, feature_node=node, input_size=size)
-        if args.channels_last:
-            net.to(memory_format=torch.channels_last)
-            net.memory_format = torch.channels_last
         times = []
-        for grad in (False, True):
-            inputs = images.clone().requires_grad_(grad)
+        for frozen in (True, False):
+            torch.manual_seed(0)
+            with random_backbones_replaced():  # stand-ins for trained weights: same cost
+                net = LocalizationNet(torch.zeros(4), backbone=backbone, weights=None, feature_node=node, input_size=size,
+                                      freeze_backbone=frozen, backbone_dtype=args.backbone_dtype)
+            if args.channels_last:
+                net.to(memory_format=torch.channels_last)
+                net.memory_format = torch.channels_last
+            for grad in (False,) if frozen else (False, True):
+                inputs = images.clone().requires_grad_(grad)
 
-            def step():
-                net(inputs).sum().backward()
+                def step():
+                    if frozen:  # a frozen first stage in training: its head learns, the backbone only reads
+                        with torch.no_grad():
+                            features = net.features(inputs)
+                        net.head(features).sum().backward()
+                    else:
+                        net(inputs).sum().backward()
 
-            for _ in range(args.warmup):
-                step()
-            times.append(1e3 * median_seconds(step, args.min_run_time))
-        first = first or times[1]
+                for _ in range(args.warmup):
+                    step()
+                times.append(1e3 * median_seconds(step, args.min_run_time))
+        first = first or times[2]
         parameters = sum(p.numel() for p in net.parameters())
         head_inputs = net.head[0].in_features if isinstance(net.head, torch.nn.Sequential) else net.head.in_features
-        print(f"| {spec} | {parameters:,} | {head_inputs:,} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / first:.2f}x |")
+        print(f"| {spec} | {parameters:,} | {head_inputs:,} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | "
+              f"{times[2] / first:.2f}x |")
 
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
@@ -283,7 +292,7 @@ def main() -> None:
                        help="a Hydra override for every experiment, e.g. --override data.batch_size=256 (repeatable)")
     train.add_argument("--output", default=None, help="folder for train.json (default: outputs/bench/<date>_<time>)")
     train.set_defaults(run=bench_train)
-    loc_net = commands.add_parser("loc_net", help="forward + backward time of loc-net cuts (backbone:node:view size)")
+    loc_net = commands.add_parser("loc_net", help="time of loc-net cuts (backbone:node:view size), frozen and learning")
     loc_net.add_argument("specs", nargs="*", default=["shufflenet_v2_x0_5:stage2:32", "shufflenet_v2_x0_5:stage2:24",
                                                       "mobilenet_v3_small:features.2:32", "resnet18:layer2:42"],
                          help="backbone[:node[:view size]], node 'pooled' for the pooled features")
@@ -292,6 +301,8 @@ def main() -> None:
     loc_net.add_argument("--warmup", type=int, default=15, help="untimed calls first (CPU kernels settle slowly)")
     loc_net.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per cell")
     loc_net.add_argument("--channels-last", action="store_true")
+    loc_net.add_argument("--backbone-dtype", default="float32", choices=BACKBONE_DTYPES,
+                         help="as model.loc_net.backbone_dtype: bfloat16 runs the backbone under autocast")
     loc_net.set_defaults(run=bench_loc_net)
     args = parser.parse_args()
     args.run(args)

@@ -31,7 +31,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from stn.errors import MissingInputError, SettingError
 
 __all__ = [
-    "LocalizationNet", "backbone_autocast", "build_backbone", "check_backbone_dtype", "feature_size", "head_name",
+    "BACKBONE_DTYPES", "LocalizationNet", "backbone_autocast", "build_backbone", "check_backbone_dtype", "feature_size", "head_name",
     "loc_net_view", "random_backbones_replaced", "view_size",
 ]
 

@@ -49,7 +49,8 @@ def test_bench_train_runs_the_forward_pass_in_bf16_for_trainer_precision_bf16_mi
 
 def test_bench_loc_net_times_each_cut_against_the_first(tmp_path):
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "loc_net", "shufflenet_v2_x0_5:stage2:16",
-               "resnet18:pooled", "--batch-size", "4", "--canvas", "20", "--warmup", "1", "--min-run-time", "0.01"]
+               "resnet18:pooled", "--batch-size", "4", "--canvas", "20", "--warmup", "1", "--min-run-time", "0.01",
+               "--backbone-dtype", "bfloat16"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ") for line in done.stdout.splitlines()
@@ -57,7 +58,8 @@ def test_bench_loc_net_times_each_cut_against_the_first(tmp_path):
     assert set(rows) == {"shufflenet_v2_x0_5:stage2:16", "resnet18:pooled"}
     assert rows["shufflenet_v2_x0_5:stage2:16"][-1].strip() == "1.00x"
     assert rows["resnet18:pooled"][2].strip() == "512"  # resnet18's pooled features feed the head
-    assert all(float(cell) > 0 for row in rows.values() for cell in row[3:5])
+    assert all(float(cell) > 0 for row in rows.values() for cell in row[3:6])  # frozen, learning, input with grad
+    assert "backbone in bfloat16" in done.stdout
 
 
 def test_the_experiments_take_turns_over_the_timed_steps():
