@@ -195,17 +195,19 @@ def test_the_affine_experiment_is_mnist_tps_with_an_affine_second_stage():
 
 
 def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
-    """resnet18 at layer2 on the full 42x42 canvas with a normalised head, its pose-pretrained backbone (24 epochs of
-    pose pretraining) frozen as mnist_tps's, pretext and reader in bfloat16; everything else is mnist_tps's."""
+    """resnet18 at layer2 on the full 42x42 canvas with a normalised head, its pose-pretrained backbone (16 epochs of
+    pose pretraining at 3x the rate) frozen as mnist_tps's, pretext and reader in bfloat16; everything else is
+    mnist_tps's."""
     base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
     changed = {"backbone": "resnet18", "feature_node": "layer2", "input_size": 42, "head_norm": True,
                "backbone_dtype": "bfloat16"}
     assert {key: wide.model.loc_net[key] for key in changed} == changed
     assert (wide.model.loc_net.weights, wide.model.loc_net.freeze_backbone, wide.model.detach_views) == ("pose", True, True)
-    assert (wide.pose_pretraining.epochs, wide.pose_pretraining.backbone_dtype) == (24, "bfloat16")
+    pretext = {"epochs": 16, "lr": 0.003, "backbone_dtype": "bfloat16"}
+    assert {key: wide.pose_pretraining[key] for key in pretext} == pretext
     assert base.model.loc_net.backbone_dtype == base.pose_pretraining.backbone_dtype == "float32"
-    assert_only_differ_in(base, wide, *(f"model.loc_net.{key}" for key in changed), "pose_pretraining.epochs",
-                          "pose_pretraining.backbone_dtype")
+    assert_only_differ_in(base, wide, *(f"model.loc_net.{key}" for key in changed),
+                          *(f"pose_pretraining.{key}" for key in pretext))
 
 
 def test_the_r_experiment_is_mnist_tps_on_r_with_learning_resnet18_loc_nets():
