@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stn.data.distortions import distort_with_map, sample_params, warp
+from stn.localization import LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import TPSGridGen, grid_points
 from test_train import read_metrics, run_script
@@ -58,6 +59,17 @@ def test_model_on_cuda_matches_the_cpu_and_keeps_the_grid_in_float32_under_bf16(
         params = model.transformer.localize(x.cuda())
         grid = model.transformer.grid(params, x.cuda())
     assert grid.dtype == torch.float32
+
+
+def test_a_bfloat16_backbone_on_cuda_reads_what_the_float32_one_reads():
+    torch.manual_seed(0)
+    net = LocalizationNet(torch.zeros(4), weights=None, feature_node="layer2", input_size=32, freeze_backbone=True)
+    x = torch.rand(4, 1, 42, 42)
+    reference = net.features(x)
+    net.cuda().backbone_dtype = "bfloat16"
+    rounded = net.features(x.cuda())
+    assert rounded.dtype == torch.float32 and rounded.device.type == "cuda"
+    assert float((rounded.cpu() - reference).norm() / reference.norm()) < 2e-2
 
 
 @pytest.mark.mnist
