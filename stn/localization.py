@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from stn.errors import MissingInputError, SettingError
 
 __all__ = [
-    "BACKBONE_DTYPES", "LocalizationNet", "backbone_autocast", "build_backbone", "check_backbone_dtype", "feature_size",
+    "BACKBONE_DTYPES", "LocalizationNet", "backbone_features", "build_backbone", "check_backbone_dtype", "feature_size",
     "head_name", "loc_net_view", "random_backbones_replaced", "view_size",
 ]
 
@@ -322,9 +322,7 @@ class LocalizationNet(nn.Module):
                 f"The localization network takes images (N, 1 or 3, H, W), got {tuple(images.shape)}."
             )
         view = loc_net_view(images, self.input_size, self.mean, self.std).contiguous(memory_format=self.memory_format)
-        with backbone_autocast(self.backbone_dtype, view.device.type):
-            features = self.backbone(view)
-        return features.flatten(1).float()
+        return backbone_features(self.backbone, view, self.backbone_dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         """Transform parameters ``(N, *initial.shape)`` for images ``(N, C, H, W)`` in ``[0, 1]``."""
@@ -348,10 +346,14 @@ def check_backbone_dtype(dtype: str, setting: str) -> str:
     return dtype
 
 
-def backbone_autocast(dtype: str, device_type: str) -> AbstractContextManager:
-    """Where a backbone runs in ``dtype`` (one of :data:`BACKBONE_DTYPES`): ``float32`` leaves the run's own
-    precision, an outer autocast included, as it is; ``bfloat16`` / ``float16`` autocast on ``device_type``."""
-    return nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+def backbone_features(backbone: nn.Module, view: Tensor, dtype: str) -> Tensor:
+    """The flattened float32 features ``(N, F)`` of ``backbone`` for a normalised ``view`` ``(N, 3, H, W)``, the
+    backbone run in ``dtype`` (one of :data:`BACKBONE_DTYPES`): ``float32`` leaves the run's own precision, an
+    outer autocast included, as it is; ``bfloat16`` / ``float16`` autocast on the view's device."""
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(view.device.type, dtype=getattr(torch, dtype))
+    with autocast:
+        features = backbone(view)
+    return features.flatten(1).float()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
 from stn.localization import (
-    IMAGENET_MEAN, IMAGENET_STD, backbone_autocast, build_backbone, check_backbone_dtype, feature_size, head_name,
+    IMAGENET_MEAN, IMAGENET_STD, backbone_features, build_backbone, check_backbone_dtype, feature_size, head_name,
     loc_net_view,
 )
 
@@ -198,9 +198,7 @@ def pretrain_pose(
         params = sample_params(distortion, index.shape[0], generator)
         target = pose_targets(distortion, params)
         view = _view(warp(images[index], distortion, params), input_size)
-        with backbone_autocast(backbone_dtype, view.device.type):
-            features = cut(view)
-        predicted = head(features.flatten(1).float())
+        predicted = head(backbone_features(cut, view, backbone_dtype))
         errors.append((predicted.detach() - target).square().sum(0))
         spreads.append(target.square().sum(0))
         return F.mse_loss(predicted, target)
