@@ -36,13 +36,15 @@ def main(cfg: DictConfig) -> None:
         name = f"{cfg.backbone}_mnist.pth"
     else:
         state = pretrain_pose(cfg.backbone, cfg.feature_node, train.images, cfg.distortion, size, cfg.epochs,
-                              cfg.batch_size, cfg.lr, cfg.hidden, cfg.seed, cfg.backbone_dtype)
+                              cfg.batch_size, cfg.lr, cfg.hidden, cfg.seed, cfg.backbone_dtype,
+                              cfg.channels_last)
         name = f"{cfg.backbone}_{cfg.feature_node}_{cfg.distortion}_pose.pth"
     path = Path(cfg.paths.output_dir) / name
     torch.save(state, path)
     print(f"Backbone weights: {path}")
-    print(f"Use them with: python scripts/train.py +experiment=mnist_tps model.loc_net.weights={path}"
-          + (f" model.loc_net.feature_node={cfg.feature_node}" if cfg.task == "pose" else ""))
+    print(f"Use them with: python scripts/train.py +experiment=mnist_tps model.loc_net.backbone={cfg.backbone} "
+          f"model.loc_net.feature_node={cfg.feature_node} model.loc_net.input_size={cfg.input_size} "
+          f"model.loc_net.weights={path}")
     print(f"Run folder: {cfg.paths.output_dir}")
 
 

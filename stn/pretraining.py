@@ -167,6 +167,7 @@ def pretrain_pose(
     hidden: int = 64,
     seed: int = 0,
     backbone_dtype: str = "float32",
+    channels_last: bool = False,
 ) -> dict[str, Tensor]:
     """Train ``backbone`` cut at ``feature_node`` to regress the pose of distorted ``images``; return the
     whole torchvision model's ``state_dict`` (the layers after the cut as initialised).
@@ -182,6 +183,8 @@ def pretrain_pose(
         seed: initialisation, shuffling and the distortion draws.
         backbone_dtype: ``float32``, or ``bfloat16`` / ``float16`` to run the backbone under autocast (mixed
             precision: the weights, the head and the loss stay float32), as ``model.loc_net.backbone_dtype``.
+        channels_last: the backbone and its views in channels-last memory format (on a CPU about 1.4x faster
+            for resnet18's dense convolutions; the returned weights are contiguous either way).
     """
     _check_pose_distortion(distortion)
     check_backbone_dtype(backbone_dtype, "pose_pretraining.backbone_dtype")
@@ -197,7 +200,7 @@ def pretrain_pose(
     def batch_loss(index: Tensor) -> Tensor:
         params = sample_params(distortion, index.shape[0], generator)
         target = pose_targets(distortion, params)
-        view = _view(warp(images[index], distortion, params), input_size)
+        view = _view(warp(images[index], distortion, params), input_size).contiguous(memory_format=memory_format)
         predicted = head(backbone_features(cut, view, backbone_dtype))
         errors.append((predicted.detach() - target).square().sum(0))
         spreads.append(target.square().sum(0))
@@ -212,7 +215,8 @@ def pretrain_pose(
         errors.clear()
         spreads.clear()
 
-    cut.train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    cut.to(memory_format=memory_format).train()
     _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
     full_head = head_name(full, backbone)

@@ -58,7 +58,8 @@ def test_every_setting_and_view_names_its_own_file(tmp_path):
     base = pose_weights_file("shufflenet_v2_x0_5", "stage2", (16, 16), SETTINGS, tmp_path)
     others = [pose_weights_file("shufflenet_v2_x0_5", "stage2", (16, 16), {**SETTINGS, key: value}, tmp_path)
               for key, value in (("epochs", 2), ("lr", 2e-3), ("seed", 4), ("digits", None), ("distortion", "r"),
-                                 ("hidden", 16), ("batch_size", 32), ("backbone_dtype", "bfloat16"))]
+                                 ("hidden", 16), ("batch_size", 32), ("backbone_dtype", "bfloat16"),
+                                 ("channels_last", True))]
     others += [pose_weights_file("shufflenet_v2_x0_5", "stage3", (16, 16), SETTINGS, tmp_path),
                pose_weights_file("shufflenet_v2_x0_5", "stage2", (32, 32), SETTINGS, tmp_path),
                pose_weights_file("resnet18", "stage2", (16, 16), SETTINGS, tmp_path)]

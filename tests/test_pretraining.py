@@ -98,3 +98,35 @@ def test_an_unknown_pretext_dtype_names_the_setting():
     digits = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     with pytest.raises(SettingError, match=r"pose_pretraining.backbone_dtype='fp8'.*bfloat16"):
         pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), backbone_dtype="fp8")
+
+
+def test_a_channels_last_pretext_reads_channels_last_views_and_learns_what_the_contiguous_one_does(monkeypatch):
+    """pose_pretraining.channels_last: the backbone's convolutions read channels-last tensors; from the same seed
+    the weights (handed back contiguous) equal the contiguous pretext's up to the kernels' summation order: all but
+    a few within 1e-6, none further than Adam's step bound (2 steps x lr x 2: a near-zero gradient whose sign the
+    rounding flips)."""
+    import stn.pretraining
+
+    seen: list[bool] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if module.training:  # the head's size is probed in evaluation mode: not a training step
+            seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    def hooked(*args, **kwargs):
+        built = build(*args, **kwargs)
+        next(module for module in built[0].modules() if isinstance(module, torch.nn.Conv2d)).register_forward_hook(record)
+        return built
+
+    build = stn.pretraining.build_backbone
+    monkeypatch.setattr(stn.pretraining, "build_backbone", hooked)
+    digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    digits[:, :, 6:22, 12:16] = 255
+    lr, steps = 1e-3, 2
+    states = {layout: pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), epochs=1, batch_size=32, lr=lr,
+                                    seed=3, channels_last=layout) for layout in (False, True)}
+    assert seen == [False] * steps + [True] * steps
+    trained = [key for key in states[False] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
+    assert all(states[True][key].is_contiguous() for key in states[True])
+    gaps = torch.cat([(states[True][key] - states[False][key]).abs().flatten() for key in trained])
+    assert float((gaps > 1e-6).float().mean()) < 1e-3 and float(gaps.max()) <= 2 * steps * lr * 1.01

@@ -157,8 +157,7 @@ def test_paper_table_sweep_composes_36_jobs():
     assert params["+experiment"] == "mnist_cnn,mnist_affine,mnist_tps"
     assert params["data.distortion"] == "r,rts,p,e"
     assert params["seed"] == "1,2,3"
-    for experiment, transform in (("mnist_cnn", "none"), ("mnist_affine", ["similarity", "affine"]),
-                                  ("mnist_tps", ["similarity", "tps"])):
+    for experiment, transform in (("mnist_cnn", "none"), ("mnist_affine", "affine"), ("mnist_tps", "tps")):
         job = compose_train(f"+experiment={experiment}", "data.distortion=p", "seed=2")
         assert (job.model.transform, job.data.distortion, job.seed) == (transform, "p", 2)
         # every model, one schedule: a clean epoch, then the distortion grows over four
@@ -171,8 +170,9 @@ def test_every_experiment_builds_its_model(experiment):
     CNN, which inherits mnist_tps's schedule but has no transformer stage to start."""
     cfg = compose_train(f"+experiment={experiment}", "model.loc_net.weights=null")
     model = instantiate(cfg.model)
-    transform = [] if cfg.model.transform == "none" else list(cfg.model.transform)
-    assert len(model.transformer.loc_nets) == len(transform)
+    transform = cfg.model.transform
+    stages = 0 if transform == "none" else 1 if isinstance(transform, str) else len(transform)
+    assert len(model.transformer.loc_nets) == stages
 
 
 def assert_only_differ_in(base, other, *settings: str) -> None:
@@ -188,30 +188,54 @@ def assert_only_differ_in(base, other, *settings: str) -> None:
         assert other[group] == base[group], group
 
 
-def test_the_affine_experiment_is_mnist_tps_with_an_affine_second_stage():
+def test_the_main_job_reads_the_canvas_through_a_frozen_pose_pretrained_resnet18_in_bfloat16():
+    """One TPS stage; resnet18 at layer2 on the full 42x42 canvas with a normalised head, its backbone
+    pose-pretrained (16 epochs at 3x the rate, channels-last) and frozen, pretext and reader in bfloat16."""
+    main = compose_train("+experiment=mnist_tps")
+    assert (main.model.transform, main.model.stage_start, main.model.freeze_classifier) == ("tps", None, [1, 5])
+    reader = {"backbone": "resnet18", "feature_node": "layer2", "input_size": 42, "head_norm": True,
+              "backbone_dtype": "bfloat16", "weights": "pose", "freeze_backbone": True}
+    assert {key: main.model.loc_net[key] for key in reader} == reader
+    pretext = {"epochs": 16, "lr": 0.003, "backbone_dtype": "bfloat16", "channels_last": True}
+    assert {key: main.pose_pretraining[key] for key in pretext} == pretext
+    assert compose_train().pose_pretraining.channels_last is False  # the pretext's own default, as model.channels_last
+
+
+def test_the_affine_experiment_is_mnist_tps_with_an_affine_stage():
     base, affine = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_affine")
-    assert list(affine.model.transform) == ["similarity", "affine"]
+    assert affine.model.transform == "affine"
     assert_only_differ_in(base, affine, "model.transform")
 
 
-def test_the_resnet18_experiment_is_mnist_tps_with_only_its_loc_net_overridden():
-    """resnet18 at layer2 on the full 42x42 canvas with a normalised head, its pose-pretrained backbone (16 epochs of
-    pose pretraining at 3x the rate) frozen as mnist_tps's, pretext and reader in bfloat16; everything else is
-    mnist_tps's."""
-    base, wide = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
-    changed = {"backbone": "resnet18", "feature_node": "layer2", "input_size": 42, "head_norm": True,
-               "backbone_dtype": "bfloat16"}
-    assert {key: wide.model.loc_net[key] for key in changed} == changed
-    assert (wide.model.loc_net.weights, wide.model.loc_net.freeze_backbone, wide.model.detach_views) == ("pose", True, True)
-    pretext = {"epochs": 16, "lr": 0.003, "backbone_dtype": "bfloat16"}
-    assert {key: wide.pose_pretraining[key] for key in pretext} == pretext
-    assert base.model.loc_net.backbone_dtype == base.pose_pretraining.backbone_dtype == "float32"
-    assert_only_differ_in(base, wide, *(f"model.loc_net.{key}" for key in changed),
-                          *(f"pose_pretraining.{key}" for key in pretext))
+def test_the_resnet18_experiment_is_mnist_tps_in_two_composed_stages():
+    """The main job's reader in a similarity stage and a TPS stage that reads its view without a gradient and
+    joins at the thaw; everything else is mnist_tps's, the pose file included."""
+    base, two = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_resnet18")
+    assert list(two.model.transform) == ["similarity", "tps"] and list(two.model.stage_start) == [0, 5]
+    assert two.model.stage_start[1] == two.model.freeze_classifier[1]  # the TPS joins when the classifier thaws
+    assert two.model.detach_views is True
+    assert_only_differ_in(base, two, "model.transform", "model.stage_start", "model.detach_views")
 
 
-def test_the_r_experiment_is_mnist_tps_on_r_with_learning_resnet18_loc_nets():
-    base, r = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_r")
+def test_the_shufflenet_experiment_is_the_earlier_main_job():
+    """mnist_tps until 2026-12-06 evening: composed stages on frozen, pose-pretrained shufflenet loc-nets on a
+    32x32 view, the pretext at its defaults (10 epochs, float32, contiguous)."""
+    base, shuffle = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_tps_shufflenet")
+    assert list(shuffle.model.transform) == ["similarity", "tps"] and list(shuffle.model.stage_start) == [0, 5]
+    assert shuffle.model.detach_views is True
+    reader = {"backbone": "shufflenet_v2_x0_5", "feature_node": "stage2", "input_size": 32, "head_norm": False,
+              "backbone_dtype": "float32"}
+    assert {key: shuffle.model.loc_net[key] for key in reader} == reader
+    assert (shuffle.model.loc_net.weights, shuffle.model.loc_net.freeze_backbone) == ("pose", True)
+    defaults = compose_train().pose_pretraining
+    pretext = ("epochs", "lr", "backbone_dtype", "channels_last")
+    assert {key: shuffle.pose_pretraining[key] for key in pretext} == {key: defaults[key] for key in pretext}
+    assert_only_differ_in(base, shuffle, "model.transform", "model.stage_start", "model.detach_views",
+                          *(f"model.loc_net.{key}" for key in reader), *(f"pose_pretraining.{key}" for key in pretext))
+
+
+def test_the_r_experiment_is_the_shufflenet_recipe_on_r_with_learning_resnet18_loc_nets():
+    base, r = compose_train("+experiment=mnist_tps_shufflenet"), compose_train("+experiment=mnist_tps_r")
     assert (r.data.distortion, list(r.model.stage_start)) == ("r", [0, 5])
     assert r.model.stage_start[1] == r.model.freeze_classifier[1]  # the TPS joins when the classifier thaws
     changed = {"backbone": "resnet18", "feature_node": "layer1", "head_norm": True}

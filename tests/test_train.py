@@ -313,7 +313,7 @@ def test_curriculum_chain_and_pooling_settings_through_the_script(tmp_path, tiny
     for stage1, stage2 in zip(rates["loc_head/stage1"], rates["loc_head/stage2"], strict=True):  # lr_mult 2 against 1
         assert stage1 == pytest.approx(2 * stage2)
     assert "transformer.stages.0.loc_net.backbone.body.features.0.0.weight" in state  # mobilenet_v3_small's stem
-    assert "transformer.stages.1.loc_net.backbone.body.conv1.0.weight" in state  # the recipe's shufflenet
+    assert "transformer.stages.1.loc_net.backbone.body.conv1.weight" in state  # the recipe's resnet18
     # the TPS stage starts at epoch 2 of 2: held all run, it still maps its control points to themselves
     assert "model.stage_start=[0, 2] starts stage 1 at or after the run's end" in output
     assert not state["transformer.stages.1.loc_net.head.3.weight"].any()
@@ -338,7 +338,8 @@ def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_
                          r"log_scale \d\.\d{3}, shift_x \d\.\d{3}, shift_y \d\.\d{3}", output), output[-2000:]
     state = torch.load(weights, map_location="cpu", weights_only=True)
     run, _ = run_script(
-        "train.py", tmp_path, "with_weights", "+experiment=mnist_tps", *tiny_run, f"model.loc_net.weights={weights}",
+        "train.py", tmp_path, "with_weights", "+experiment=mnist_tps_shufflenet", *tiny_run,
+        f"model.loc_net.weights={weights}",
     )
     summary = read_metrics(run)
     assert summary["pretrained"] is True
@@ -379,50 +380,56 @@ def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
     assert read_metrics(run)["config"]["model"]["equivariance"] == {"weight": 1.0, "angle": 30.0, "log_scale": 0.0}
 
 
-def test_main_job_pretrains_its_loc_net_backbones_once_and_keeps_them_frozen(tmp_path, tiny_run):
-    """The main job's model.loc_net.weights=pose through the real script: the first run pretrains the
-    backbone on training digits and caches it in paths.cache_dir; both frozen stages hold exactly its
-    weights after training; a second run finds the file instead of pretraining again. The pretext follows the
+def test_main_job_pretrains_its_loc_net_backbone_once_and_keeps_it_frozen(tmp_path, tiny_run):
+    """The main job's model.loc_net.weights=pose through the real script: the first run pretrains the resnet18
+    backbone on training digits, in bfloat16 and channels-last, and caches it in paths.cache_dir under the name
+    of every setting; the frozen stage holds exactly its (float32) weights after training, and reads in bfloat16
+    after a checkpoint reload; a second run finds the file instead of pretraining again. The pretext follows the
     run's distortion (pose_pretraining.distortion=null): E draws no pose and reads the RTS file, R makes its own."""
     run, output = run_script("train.py", tmp_path, "pose", "+experiment=mnist_tps", *tiny_run)
     cached = list((tmp_path / "pose" / "cache").glob("*.pth"))
-    assert len(cached) == 1 and cached[0].name.startswith("shufflenet_v2_x0_5_stage2_16x16_rts_pose_"), cached
-    assert "pretraining shufflenet_v2_x0_5 cut at stage2 on a 16x16 view to read the rts pose of 256 training digits" in output
     summary = read_metrics(run)
+    settings = {**summary["config"]["pose_pretraining"], "distortion": "rts"}
+    assert settings["channels_last"] is True and settings["backbone_dtype"] == "bfloat16"
+    assert cached == [pose_weights_file("resnet18", "layer2", (16, 16), settings, tmp_path / "pose" / "cache")]
+    assert cached[0] != pose_weights_file("resnet18", "layer2", (16, 16), {**settings, "channels_last": False},
+                                          tmp_path / "pose" / "cache")
+    assert "pretraining resnet18 cut at layer2 on a 16x16 view to read the rts pose of 256 training digits" in output
     assert summary["pretrained"] is True and summary["config"]["model"]["loc_net"]["weights"] == "pose"
     assert summary["config"]["pose_pretraining"]["digits"] == 256
     state = torch.load(cached[0], map_location="cpu", weights_only=True)
+    assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
+    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == ["bfloat16"]
     for loc_net in model.transformer.loc_nets:
         trained = {key.removeprefix("body."): value for key, value in loc_net.backbone.state_dict().items()}
         assert trained and all(torch.equal(value, state[key]) for key, value in trained.items())
     cache_dir = f"paths.cache_dir={tmp_path / 'pose' / 'cache'}"
     _, output = run_script("train.py", tmp_path, "again", "+experiment=mnist_tps", *tiny_run, cache_dir, "data.distortion=e")
-    assert "the cached pose-pretrained backbone" in output and "pretraining shufflenet" not in output
+    assert "the cached pose-pretrained backbone" in output and "pretraining resnet18" not in output
     _, output = run_script("train.py", tmp_path, "turned", "+experiment=mnist_tps", *tiny_run, cache_dir, "data.distortion=r")
-    assert "pretraining shufflenet_v2_x0_5 cut at stage2 on a 16x16 view to read the r pose" in output
+    assert "pretraining resnet18 cut at layer2 on a 16x16 view to read the r pose" in output
     assert sorted(path.name.split("_pose_")[0] for path in (tmp_path / "pose" / "cache").glob("*.pth")) == [
-        "shufflenet_v2_x0_5_stage2_16x16_r", "shufflenet_v2_x0_5_stage2_16x16_rts"]
+        "resnet18_layer2_16x16_r", "resnet18_layer2_16x16_rts"]
 
 
-def test_the_resnet18_recipe_pretrains_and_reads_its_pose_in_bfloat16(tmp_path, tiny_run):
-    """mnist_tps_resnet18 through the real script: its resnet18 cut at layer2 is pose-pretrained under bfloat16
-    autocast (pose_pretraining.backbone_dtype) into a cache file of its own, float32 weights in it, and both frozen
-    stages read in bfloat16 (model.loc_net.backbone_dtype); the checkpoint rebuilds loc-nets that do."""
-    run, output = run_script("train.py", tmp_path, "resnet18", "+experiment=mnist_tps_resnet18", *tiny_run)
-    assert "pretraining resnet18 cut at layer2 on a 16x16 view to read the rts pose of 256 training digits" in output
-    summary = read_metrics(run)
-    assert summary["config"]["pose_pretraining"]["backbone_dtype"] == "bfloat16"
-    assert summary["config"]["model"]["loc_net"]["backbone_dtype"] == "bfloat16"
-    cached = list((tmp_path / "resnet18" / "cache").glob("*.pth"))
-    settings = {**summary["config"]["pose_pretraining"], "distortion": "rts"}
-    assert cached == [pose_weights_file("resnet18", "layer2", (16, 16), settings, tmp_path / "resnet18" / "cache")]
-    assert cached[0] != pose_weights_file("resnet18", "layer2", (16, 16), {**settings, "backbone_dtype": "float32"},
-                                          tmp_path / "resnet18" / "cache")
+def test_the_two_stage_resnet18_recipe_reads_the_main_jobs_pose_file_in_both_stages(tmp_path, tiny_run):
+    """mnist_tps_resnet18 through the real script, after the main job: it finds the main job's cached pose file
+    (the same reader and pretext) instead of pretraining, and both frozen stages hold its weights and read in
+    bfloat16 after a checkpoint reload."""
+    cache_dir = f"paths.cache_dir={tmp_path / 'cache'}"
+    run_script("train.py", tmp_path, "main", "+experiment=mnist_tps", *tiny_run, cache_dir)
+    run, output = run_script("train.py", tmp_path, "resnet18", "+experiment=mnist_tps_resnet18", *tiny_run, cache_dir)
+    assert "the cached pose-pretrained backbone" in output and "pretraining resnet18" not in output
+    cached = list((tmp_path / "cache").glob("*.pth"))
+    assert len(cached) == 1
     state = torch.load(cached[0], map_location="cpu", weights_only=True)
-    assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
+    summary = read_metrics(run)
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
     assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == ["bfloat16", "bfloat16"]
+    for loc_net in model.transformer.loc_nets:
+        trained = {key.removeprefix("body."): value for key, value in loc_net.backbone.state_dict().items()}
+        assert trained and all(torch.equal(value, state[key]) for key, value in trained.items())
     assert math.isfinite(summary["metrics"]["test/pose/angle_left"])
 
 
