@@ -4,10 +4,12 @@ task trains, keeps and writes."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 import torchvision
+from torch import Tensor
 
 import stn.data.distortions as D
 from stn.errors import SettingError
@@ -62,18 +64,22 @@ def test_pose_pretraining_trains_the_cut_keeps_the_rest_and_loads_as_loc_net_wei
     assert all(torch.equal(loaded[f"body.{key}"], state[key]) for key in trained)
 
 
-def test_a_bfloat16_pretext_moves_the_weights_as_the_float32_one_within_adams_step(monkeypatch):
-    """pose_pretraining.backbone_dtype=bfloat16 runs the cut backbone's convolutions in bfloat16 (autocast) and
-    keeps float32 weights; from the same seed its weights stay within Adam's step bound of the float32 pretext's
-    (every Adam step moves a weight by at most about lr, so two runs of k steps differ by at most 2 k lr) while
-    differing from them (the rounding reached the gradients)."""
+LR, STEPS = 1e-3, 2
+
+
+def pretexts_seen_by_the_first_convolution(
+    monkeypatch: pytest.MonkeyPatch, seen: Callable[[Tensor, Tensor], object], **variants: dict
+) -> tuple[dict[str, dict[str, Tensor]], list]:
+    """``pretrain_pose`` of a bar digit (resnet18 at layer1, 16x16 views, ``STEPS`` steps at ``LR``, seed 3) once per
+    ``variants`` entry (its extra keyword arguments); ``seen(input, output)`` of the backbone's first convolution is
+    collected for every training step, in order. Returns ``({name: state_dict}, [seen values])``."""
     import stn.pretraining
 
-    seen: list[torch.dtype] = []
+    values: list = []
 
-    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def record(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
         if module.training:  # the head's size is probed in evaluation mode: not a training step
-            seen.append(output.dtype)
+            values.append(seen(inputs[0], output))
 
     def hooked(*args, **kwargs):
         built = build(*args, **kwargs)
@@ -84,14 +90,24 @@ def test_a_bfloat16_pretext_moves_the_weights_as_the_float32_one_within_adams_st
     monkeypatch.setattr(stn.pretraining, "build_backbone", hooked)
     digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     digits[:, :, 6:22, 12:16] = 255
-    lr, steps = 1e-3, 2
-    states = {dtype: pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), epochs=1, batch_size=32, lr=lr,
-                                   seed=3, backbone_dtype=dtype) for dtype in ("float32", "bfloat16")}
-    assert seen == [torch.float32] * steps + [torch.bfloat16] * steps
+    states = {name: pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), epochs=1, batch_size=32, lr=LR, seed=3,
+                                  **options) for name, options in variants.items()}
+    return states, values
+
+
+def test_a_bfloat16_pretext_moves_the_weights_as_the_float32_one_within_adams_step(monkeypatch):
+    """pose_pretraining.backbone_dtype=bfloat16 runs the cut backbone's convolutions in bfloat16 (autocast) and
+    keeps float32 weights; from the same seed its weights stay within Adam's step bound of the float32 pretext's
+    (every Adam step moves a weight by at most about lr, so two runs of k steps differ by at most 2 k lr) while
+    differing from them (the rounding reached the gradients)."""
+    states, seen = pretexts_seen_by_the_first_convolution(
+        monkeypatch, lambda _, output: output.dtype,
+        float32={"backbone_dtype": "float32"}, bfloat16={"backbone_dtype": "bfloat16"})
+    assert seen == [torch.float32] * STEPS + [torch.bfloat16] * STEPS
     trained = [key for key in states["float32"] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
     assert all(states["bfloat16"][key].dtype == torch.float32 for key in trained)
     gaps = [float((states["bfloat16"][key] - states["float32"][key]).abs().max()) for key in trained]
-    assert max(gaps) <= 2 * steps * lr * 1.01 and max(gaps) > 0
+    assert max(gaps) <= 2 * STEPS * LR * 1.01 and max(gaps) > 0
 
 
 def test_an_unknown_pretext_dtype_names_the_setting():
@@ -103,30 +119,13 @@ def test_an_unknown_pretext_dtype_names_the_setting():
 def test_a_channels_last_pretext_reads_channels_last_views_and_learns_what_the_contiguous_one_does(monkeypatch):
     """pose_pretraining.channels_last: the backbone's convolutions read channels-last tensors; from the same seed
     the weights (handed back contiguous) equal the contiguous pretext's up to the kernels' summation order: all but
-    a few within 1e-6, none further than Adam's step bound (2 steps x lr x 2: a near-zero gradient whose sign the
+    a few within 1e-6, none further than Adam's step bound (2 k lr after k steps: a near-zero gradient whose sign the
     rounding flips)."""
-    import stn.pretraining
-
-    seen: list[bool] = []
-
-    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if module.training:  # the head's size is probed in evaluation mode: not a training step
-            seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
-
-    def hooked(*args, **kwargs):
-        built = build(*args, **kwargs)
-        next(module for module in built[0].modules() if isinstance(module, torch.nn.Conv2d)).register_forward_hook(record)
-        return built
-
-    build = stn.pretraining.build_backbone
-    monkeypatch.setattr(stn.pretraining, "build_backbone", hooked)
-    digits = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
-    digits[:, :, 6:22, 12:16] = 255
-    lr, steps = 1e-3, 2
-    states = {layout: pretrain_pose("resnet18", "layer1", digits, "rts", (16, 16), epochs=1, batch_size=32, lr=lr,
-                                    seed=3, channels_last=layout) for layout in (False, True)}
-    assert seen == [False] * steps + [True] * steps
-    trained = [key for key in states[False] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
-    assert all(states[True][key].is_contiguous() for key in states[True])
-    gaps = torch.cat([(states[True][key] - states[False][key]).abs().flatten() for key in trained])
-    assert float((gaps > 1e-6).float().mean()) < 1e-3 and float(gaps.max()) <= 2 * steps * lr * 1.01
+    states, seen = pretexts_seen_by_the_first_convolution(
+        monkeypatch, lambda view, _: view.is_contiguous(memory_format=torch.channels_last),
+        contiguous={"channels_last": False}, channels_last={"channels_last": True})
+    assert seen == [False] * STEPS + [True] * STEPS
+    trained = [key for key in states["contiguous"] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
+    assert all(value.is_contiguous() for value in states["channels_last"].values())
+    gaps = torch.cat([(states["channels_last"][key] - states["contiguous"][key]).abs().flatten() for key in trained])
+    assert float((gaps > 1e-6).float().mean()) < 1e-3 and float(gaps.max()) <= 2 * STEPS * LR * 1.01
