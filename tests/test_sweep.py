@@ -77,12 +77,12 @@ def test_multirun_keeps_every_job_and_the_table_reads_them(tmp_path, tiny_run):
     pose_rows = {line.split("|")[1].strip(): line for line in poses.splitlines() if line.startswith("|")}
     for job, variant in zip(finished, ("model.tps.rows=3", "model.tps.rows=4")):
         metrics = json.loads((job / "metrics.json").read_text())["metrics"]
-        label = f"ST-CNN TPS (ours, similarity+tps, {variant})"
+        label = f"ST-CNN TPS (ours, {variant})"  # one stage: no chain in the label
         assert f"{metrics['test/error']:.2f} (n=1)" in rows[label]
         pose = [f"{metrics[f'test/pose/{key}_left']:.2f}" for key in ("angle", "log_scale", "shift")]
         within = [f"{metrics[f'test/pose_split/{key}_within_left']:.2f}" for key in ("angle", "log_scale", "shift")]
         assert " / ".join(pose) + ", within a digit " + " / ".join(within) + " (n=1)" in pose_rows[label]
-    assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, similarity+tps, model.tps.rows=1)"]
+    assert "failed (1 of 1)" in rows["ST-CNN TPS (ours, model.tps.rows=1)"]
     assert f"- {failed}: SettingError: A TPS control-point grid needs at least 2 rows" in table.stdout
 
 

@@ -69,9 +69,10 @@ def events(run: Path) -> EventAccumulator:
 
 @pytest.fixture(scope="module")
 def tps_run(tmp_path_factory, tiny_run) -> Path:
-    """Two tiny epochs of the TPS experiment, keeping every epoch's checkpoint; test images from eval seed 3."""
+    """Two tiny epochs of the two-stage TPS experiment (similarity, then TPS), keeping every epoch's checkpoint;
+    test images from eval seed 3."""
     run, _ = run_script(
-        "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps", *tiny_run,
+        "train.py", tmp_path_factory.mktemp("tps"), "tps", "+experiment=mnist_tps_resnet18", *tiny_run,
         "trainer.max_epochs=2", "model.loc_net.weights=null", "callbacks.model_checkpoint.save_top_k=-1",
         "data.eval_seed=3",
     )
@@ -262,7 +263,7 @@ def test_affine_experiment_offline_falls_back_to_random_init(tmp_path, tiny_run)
         "model.loc_net.weights=DEFAULT", env=offline,
     )
     summary = read_metrics(run)
-    assert summary["config"]["model"]["transform"] == ["similarity", "affine"]
+    assert summary["config"]["model"]["transform"] == "affine"
     assert summary["config"]["data"]["distortion"] == "rts"
     assert summary["pretrained"] is False
     assert "PRETRAINED WEIGHTS NOT LOADED" in output and "RANDOM initialisation" in output
@@ -438,7 +439,7 @@ def test_turned_negatives_passes_and_detached_views_through_the_script(tmp_path,
     loss is logged every step while the classifier learns (epoch 0 of the recipe), all three land in the
     config, and the checkpoint rebuilds a transformer that detaches its views."""
     run, _ = run_script(
-        "train.py", tmp_path, "negatives", "+experiment=mnist_tps", *tiny_run, "model.turned_negatives.weight=1",
+        "train.py", tmp_path, "negatives", "+experiment=mnist_tps_resnet18", *tiny_run, "model.turned_negatives.weight=1",
         "model.passes=[2,1]", "model.detach_views=true", "trainer.limit_train_batches=5",
     )
     values = [event.value for event in events(run).Scalars("train/turned_negatives")]
