@@ -194,6 +194,7 @@ def pretrain_pose(
     cut, _, _, _ = build_backbone(backbone, None, feature_node)
     head = nn.Sequential(nn.Linear(feature_size(cut, input_size), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, len(parts)))
     generator = torch.Generator().manual_seed(seed)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     errors: list[Tensor] = []
     spreads: list[Tensor] = []
 
@@ -215,7 +216,6 @@ def pretrain_pose(
         errors.clear()
         spreads.clear()
 
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cut.to(memory_format=memory_format).train()
     _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
