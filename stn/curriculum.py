@@ -4,6 +4,7 @@
 can lower the loss. ``stage_start`` lets each transformer stage's loc-net learn from an epoch of its
 own: before it the stage keeps its initial map (the identity for a fresh loc-net, whose last layer
 starts at zero), so that a later stage (a TPS) joins once the stages before it have learned the pose.
+:func:`check_epoch_range` reads any such range (``model.oracle_pose`` takes one too).
 """
 
 from __future__ import annotations
@@ -14,20 +15,33 @@ from torch import nn
 
 from stn.errors import SettingError
 
-__all__ = ["check_freeze_range", "check_stage_start", "hold"]
+__all__ = ["check_epoch_range", "check_freeze_range", "check_stage_start", "hold"]
+
+
+def check_epoch_range(epochs: Sequence[float] | None, setting: str, meaning: str) -> tuple[float, float] | None:
+    """``epochs`` as ``(first, end)``, the training epochs ``first <= epoch < end``; ``None`` stays ``None``.
+
+    Args:
+        setting: the config key, for the error (``model.freeze_classifier``).
+        meaning: what happens in those epochs, for the error (``the classifier is frozen``).
+    """
+    if epochs is None:
+        return None
+    if (
+        isinstance(epochs, (str, bool)) or not isinstance(epochs, Sequence) or len(epochs) != 2
+        or not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in epochs)
+        or not 0 <= epochs[0] <= epochs[1]
+    ):
+        raise SettingError(
+            f"{setting} must be null or [first, end], the training epochs first <= epoch < end in which {meaning} "
+            f"(0 <= first <= end), got {epochs!r}. Set e.g. {setting}=[1,3]."
+        )
+    return float(epochs[0]), float(epochs[1])
 
 
 def check_freeze_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
     """``model.freeze_classifier`` as ``(first, end)``: the training epochs ``first <= epoch < end``."""
-    if epochs is None:
-        return None
-    if isinstance(epochs, str) or len(epochs) != 2 or not all(isinstance(e, (int, float)) for e in epochs) or not 0 <= epochs[0] <= epochs[1]:
-        raise SettingError(
-            f"model.freeze_classifier must be null or [first, end], the training epochs first <= epoch < end "
-            f"in which the classifier is frozen (0 <= first <= end), got {epochs!r}. Set e.g. "
-            "model.freeze_classifier=[1,3]."
-        )
-    return float(epochs[0]), float(epochs[1])
+    return check_epoch_range(epochs, "model.freeze_classifier", "the classifier is frozen")
 
 
 def check_stage_start(starts: Sequence[int] | None, stages: int) -> tuple[int, ...] | None:

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
-from stn.curriculum import check_freeze_range, check_stage_start, hold
+from stn.curriculum import check_epoch_range, check_freeze_range, check_stage_start, hold
 from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
@@ -86,7 +86,10 @@ class STNClassifier(L.LightningModule):
             distance, in digit pixels, between where its output pixels read the upright digit and
             where the exact inverse reads it, ``train/pose_error``), and the classifier learns on the
             transformer's output. What such a transformer leaves (``test/pose/*_left``) is what its
-            loc-net can see of the pose at all.
+            loc-net can see of the pose at all. ``[first, end]``: only in the training epochs
+            ``first <= epoch < end``, a pose-supervised warm-up (outside them the class label alone
+            teaches the transformer), e.g. ``[1, 5]``: the transformer starts the joint epochs from the pose,
+            not from the identity. ``False``: never.
         compile: compile the loc-nets and the classifier with ``torch.compile`` when training or
             testing starts (``True``, or a dict of its keyword arguments, e.g. ``{"mode":
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
@@ -117,7 +120,7 @@ class STNClassifier(L.LightningModule):
         log_images_every_n_epochs: int = 1,
         num_log_images: int = 16,
         freeze_classifier: tuple[float, float] | None = None,
-        oracle_pose: bool = False,
+        oracle_pose: bool | Sequence[float] = False,
         equivariance: dict | None = None,
         compile: bool | dict = False,
         passes: int | Sequence[int] = 1,
@@ -168,14 +171,15 @@ class STNClassifier(L.LightningModule):
             )
             self.freeze_classifier = None
         self.stage_start = check_stage_start(stage_start, len(self.transformer.stages))
-        self.oracle_pose = bool(oracle_pose)
+        self.oracle_epochs = _check_oracle_pose(oracle_pose)
         self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
-        self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_pose)
+        self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_epochs is not None)
         self._compiled = False
         self._losses = LossWatch()
-        if self.oracle_pose and not self.transformer.loc_nets:
+        if self.oracle_epochs and not self.transformer.loc_nets:
             raise SettingError(
-                "model.oracle_pose=true trains the transformer from the true pose, but model.transform=none has "
+                f"model.oracle_pose={_setting_text(oracle_pose)} trains the transformer from the true pose, but "
+                "model.transform=none has "
                 "no transformer; choose a transform (e.g. model.transform=[similarity,tps]) or set "
                 "model.oracle_pose=false."
             )
@@ -245,7 +249,7 @@ class STNClassifier(L.LightningModule):
     def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
         images, labels, *extras = batch
         self._hold_in_their_epochs()
-        if self.oracle_pose:
+        if self._told_the_pose:
             logits, params, pose_error = self._oracle_step(images, extras[0] if extras else {})
             self.log("train/pose_error", pose_error, on_step=True, on_epoch=False)
             loss = F.cross_entropy(logits, labels) + pose_error
@@ -285,7 +289,8 @@ class STNClassifier(L.LightningModule):
         stage's parameters, and the transformer's mean squared distance from the exact inverse, digit px²."""
         if not digit_map:
             raise SettingError(
-                "model.oracle_pose=true needs each training image's distortion, and these training batches carry "
+                f"model.oracle_pose={_setting_text(self.hparams.oracle_pose)} needs each training image's distortion, "
+                "and these training batches carry "
                 "none (data.distortion=none, or a data module without digit maps); train on a distortion "
                 "(e.g. data.distortion=rts) or set model.oracle_pose=false."
             )
@@ -295,6 +300,12 @@ class STNClassifier(L.LightningModule):
         digit = to_digit(grid.reshape(batch, -1, 2), digit_map)
         pose_error = (digit - DIGIT_HALF_SIZE * output).square().sum(-1).nanmean()  # NaN: beyond a p map's horizon
         return self.classify(self.transformer.sample(images, grid.detach())), params, pose_error
+
+    @property
+    def _told_the_pose(self) -> bool:
+        """Whether the transformer learns from the true pose in this epoch (``oracle_pose``)."""
+        first, end = self.oracle_epochs or (0, 0)
+        return first <= self.current_epoch < end
 
     @property
     def _classifier_learns(self) -> bool:
@@ -553,6 +564,19 @@ def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[s
     return settings
 
 
+def _check_oracle_pose(oracle_pose: bool | Sequence[float]) -> tuple[float, float] | None:
+    """``model.oracle_pose`` as the training epochs ``(first, end)`` told the pose; ``None``: never."""
+    if isinstance(oracle_pose, bool):
+        return (0.0, math.inf) if oracle_pose else None
+    return check_epoch_range(oracle_pose, "model.oracle_pose", "the transformer learns from the true pose (or true: "
+                             "every epoch, false: never)")
+
+
+def _setting_text(value: Any) -> str:
+    """A setting's value as written on the command line (``true``, ``[1, 5]``)."""
+    return str(value).lower() if isinstance(value, bool) else str(list(value))
+
+
 def _check_turned_negatives(config: Mapping | None, oracle_pose: bool) -> dict[str, float]:
     settings = _non_negative_numbers(
         "model.turned_negatives", config, {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0},
@@ -563,8 +587,9 @@ def _check_turned_negatives(config: Mapping | None, oracle_pose: bool) -> dict[s
     )
     if settings["weight"] and oracle_pose:
         raise SettingError(
-            "model.turned_negatives.weight is set together with model.oracle_pose=true, which measures the floor of "
-            "the pose measure with the plain class loss; set model.turned_negatives.weight=0 for the floor."
+            "model.turned_negatives.weight is set together with model.oracle_pose, which trains the transformer from "
+            "the true pose and the classifier with the plain class loss; set model.turned_negatives.weight=0 (or "
+            "model.oracle_pose=false)."
         )
     return settings
 

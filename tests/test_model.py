@@ -1034,9 +1034,33 @@ def test_oracle_pose_trains_the_transformer_from_the_pose_and_the_classifier_fro
     assert any(g is not None and g.abs().sum() > 0 for g in from_pose), "the pose reaches the loc-nets"
 
 
+def test_oracle_pose_in_an_epoch_range_tells_the_pose_only_inside_it(monkeypatch):
+    """model.oracle_pose=[1, 3]: in epochs 1-2 the loss is the class loss (classifier on the detached warp)
+    plus the pose error; in epochs 0 and 3 it is the plain class loss, its gradient reaching the loc-net."""
+    torch.manual_seed(0)
+    model = STNClassifier("affine", loc_net=CHEAP, output_size=(28, 28), oracle_pose=[1, 3]).eval()
+    assert model.oracle_epochs == (1.0, 3.0)
+    x, labels, _, maps = rts_batch()
+    for epoch, told in ((0, False), (1, True), (2, True), (3, False)):
+        monkeypatch.setattr(STNClassifier, "current_epoch", property(lambda self, e=epoch: e))
+        loss = model.training_step((x, labels, maps), 0)
+        logits, _, error = model._oracle_step(x, maps)
+        plain = F.cross_entropy(model(x), labels)
+        torch.testing.assert_close(loss, F.cross_entropy(logits, labels) + error if told else plain)
+        assert error > 1, "the identity transformer is far from the exact inverse of an RTS draw"
+
+
+@pytest.mark.parametrize("epochs", [[2, 1], [1], "1,2", [-1, 2], [True, 2]])
+def test_an_impossible_oracle_pose_range_names_the_setting(epochs):
+    with pytest.raises(SettingError, match=r"model\.oracle_pose must be null or \[first, end\].*true: every epoch"):
+        STNClassifier("affine", loc_net=CHEAP, oracle_pose=epochs)
+
+
 def test_oracle_pose_without_a_transformer_or_a_distortion_names_the_setting():
     with pytest.raises(SettingError, match=r"model\.oracle_pose=true.*model\.transform=none"):
         STNClassifier("none", oracle_pose=True)
+    with pytest.raises(SettingError, match=r"model\.oracle_pose=\[1, 5\] trains .*model\.transform=none"):
+        STNClassifier("none", oracle_pose=[1, 5])
     model = STNClassifier("affine", loc_net=CHEAP, oracle_pose=True)
     with pytest.raises(SettingError, match=r"model\.oracle_pose=true needs .*data\.distortion=rts"):
         model.training_step((images(2), torch.tensor([0, 1])), 0)
@@ -1195,5 +1219,5 @@ def test_turned_negatives_add_to_the_loss_only_while_the_classifier_learns():
 def test_bad_turned_negatives_name_the_setting(settings):
     with pytest.raises(SettingError, match=r"model\.turned_negatives must hold weight, min_angle and max_angle"):
         STNClassifier("affine", loc_net=CHEAP, turned_negatives=settings)
-    with pytest.raises(SettingError, match=r"model\.oracle_pose=true"):
+    with pytest.raises(SettingError, match=r"together with model\.oracle_pose.*model\.turned_negatives\.weight=0"):
         STNClassifier("affine", loc_net=CHEAP, turned_negatives={"weight": 1}, oracle_pose=True)

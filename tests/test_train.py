@@ -369,6 +369,18 @@ def test_oracle_pose_run_logs_its_pose_error_and_the_floor(tmp_path, tiny_run):
     assert {"test/pose/angle_left", "test/pose/log_scale_left", "test/pose/shift_left"} <= metrics.keys()
 
 
+def test_oracle_pose_warm_up_run_tells_the_pose_only_in_its_epochs(tmp_path, tiny_run):
+    """model.oracle_pose=[1,2] through the real script: the pose error is logged in epoch 1's steps only
+    (2 steps an epoch: global steps 2 and 3), and the range is kept in the run's config."""
+    run, _ = run_script(
+        "train.py", tmp_path, "warm_up", "+experiment=mnist_affine", *tiny_run, "model.oracle_pose=[1,2]",
+        "trainer.max_epochs=3", "trainer.limit_train_batches=2", "model.freeze_classifier=null",
+    )
+    steps = [event.step for event in events(run).Scalars("train/pose_error")]
+    assert steps == [2, 3]
+    assert list(read_metrics(run)["config"]["model"]["oracle_pose"]) == [1, 2]
+
+
 def test_equivariance_run_logs_its_error_every_step(tmp_path, tiny_run):
     """model.equivariance through the real script: the first stage's relative error on turned copies
     is logged every step, below the identity's bound for turns of at most 30 degrees and no scaling
