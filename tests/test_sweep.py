@@ -201,10 +201,11 @@ def test_the_main_job_reads_the_canvas_through_a_frozen_pose_pretrained_resnet18
     assert compose_train().pose_pretraining.channels_last is False  # the pretext's own default, as model.channels_last
 
 
-def test_the_affine_experiment_is_mnist_tps_with_an_affine_stage():
+def test_the_affine_experiment_is_mnist_tps_with_an_affine_stage_and_an_earlier_thaw():
     base, affine = compose_train("+experiment=mnist_tps"), compose_train("+experiment=mnist_affine")
     assert affine.model.transform == "affine"
-    assert_only_differ_in(base, affine, "model.transform")
+    assert list(affine.model.freeze_classifier) == [1, 3]
+    assert_only_differ_in(base, affine, "model.transform", "model.freeze_classifier")
 
 
 def test_the_resnet18_experiment_is_mnist_tps_in_two_composed_stages():
