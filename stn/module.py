@@ -179,9 +179,8 @@ class STNClassifier(L.LightningModule):
         if self.oracle_epochs and not self.transformer.loc_nets:
             raise SettingError(
                 f"model.oracle_pose={_setting_text(oracle_pose)} trains the transformer from the true pose, but "
-                "model.transform=none has "
-                "no transformer; choose a transform (e.g. model.transform=[similarity,tps]) or set "
-                "model.oracle_pose=false."
+                "model.transform=none has no transformer; choose a transform (e.g. model.transform=[similarity,tps]) "
+                "or set model.oracle_pose=false."
             )
 
     def setup(self, stage: str) -> None:
@@ -290,9 +289,8 @@ class STNClassifier(L.LightningModule):
         if not digit_map:
             raise SettingError(
                 f"model.oracle_pose={_setting_text(self.hparams.oracle_pose)} needs each training image's distortion, "
-                "and these training batches carry "
-                "none (data.distortion=none, or a data module without digit maps); train on a distortion "
-                "(e.g. data.distortion=rts) or set model.oracle_pose=false."
+                "and these training batches carry none (data.distortion=none, or a data module without digit maps); "
+                "train on a distortion (e.g. data.distortion=rts) or set model.oracle_pose=false."
             )
         params, grid = self._localize(images)
         batch, height, width = grid.shape[:3]
