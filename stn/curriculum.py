@@ -4,7 +4,7 @@
 can lower the loss. ``stage_start`` lets each transformer stage's loc-net learn from an epoch of its
 own: before it the stage keeps its initial map (the identity for a fresh loc-net, whose last layer
 starts at zero), so that a later stage (a TPS) joins once the stages before it have learned the pose.
-:func:`check_epoch_range` reads any such range (``model.oracle_pose`` takes one too).
+:func:`check_epoch_range` reads such a range (``model.freeze_classifier``, ``model.oracle_pose``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from stn.errors import SettingError
 
-__all__ = ["check_epoch_range", "check_freeze_range", "check_stage_start", "hold"]
+__all__ = ["check_epoch_range", "check_stage_start", "hold"]
 
 
 def check_epoch_range(epochs: Sequence[float] | None, setting: str, meaning: str) -> tuple[float, float] | None:
@@ -37,11 +37,6 @@ def check_epoch_range(epochs: Sequence[float] | None, setting: str, meaning: str
             f"(0 <= first <= end), got {epochs!r}. Set e.g. {setting}=[1,3]."
         )
     return float(epochs[0]), float(epochs[1])
-
-
-def check_freeze_range(epochs: Sequence[float] | None) -> tuple[float, float] | None:
-    """``model.freeze_classifier`` as ``(first, end)``: the training epochs ``first <= epoch < end``."""
-    return check_epoch_range(epochs, "model.freeze_classifier", "the classifier is frozen")
 
 
 def check_stage_start(starts: Sequence[int] | None, stages: int) -> tuple[int, ...] | None:

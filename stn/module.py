@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
-from stn.curriculum import check_epoch_range, check_freeze_range, check_stage_start, hold
+from stn.curriculum import check_epoch_range, check_stage_start, hold
 from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
@@ -161,7 +161,7 @@ class STNClassifier(L.LightningModule):
         })
         self.angle_slope = torch.nn.ModuleDict({split: AngleSlope() for split in ("val", "test")})
         self._first_val_batch: Tensor | None = None
-        self.freeze_classifier = check_freeze_range(freeze_classifier)
+        self.freeze_classifier = check_epoch_range(freeze_classifier, "model.freeze_classifier", "the classifier is frozen")
         if self.freeze_classifier and not self.transformer.loc_nets:
             first, end = self.freeze_classifier
             log.warning(
