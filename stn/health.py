@@ -18,8 +18,7 @@ __all__ = ["loc_net_health"]
 
 @torch.no_grad()
 def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict[str, float]]:
-    """Per stage of ``transformer``, on images ``(N, C, H, W)`` (a stage applied in several passes is
-    measured on its first):
+    """Per stage of ``transformer``, on images ``(N, C, H, W)``:
 
     - ``param_std``: standard deviation over the images of each predicted parameter, averaged over the
       parameters (0: the same transform for every image);
@@ -39,8 +38,7 @@ def loc_net_health(transformer: SpatialTransformer, images: Tensor) -> list[dict
         for handle in handles:
             handle.remove()
     report = []
-    for index in range(len(transformer.stages)):
-        stage_params = params[transformer.chain.index(index)]
+    for index, stage_params in enumerate(params):
         health = {"param_std": float(stage_params.flatten(1).float().std(0).mean())}
         if index in hidden:
             health["dead_units"] = float((hidden[index] <= 0).all(0).float().mean())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -18,15 +18,13 @@ from stn.checkpoints import check_architecture, load_checkpoint
 from stn.classifier import CNNClassifier
 from stn.compilation import compile_networks
 from stn.curriculum import check_epoch_range, check_stage_start, hold
-from stn.equivariance import equivariance_error
 from stn.divergence import LossWatch, diverged_error
 from stn.errors import CorruptInputError, SettingError
 from stn.health import loc_net_health
 from stn.localization import random_backbones_replaced
-from stn.optimization import DEFAULT_OPTIMIZER, build_optimizer, build_scheduler, check_optimization, from_names
+from stn.optimization import DEFAULT_OPTIMIZER, build_optimizer, build_scheduler, check_optimization
 from stn.pose import DIGIT_HALF_SIZE, MIN_READ, AngleSlope, PoseSpread, fit_similarity, frame_weights, pose_report, to_digit
 from stn.transformer import SpatialTransformer
-from stn.turned_negatives import turn_grid, uniform_cross_entropy
 from stn.viz import transformer_panels
 
 __all__ = ["STNClassifier"]
@@ -43,7 +41,7 @@ class STNClassifier(L.LightningModule):
     ``shift`` and ``residual``, ``.../lost`` (the share of images whose output reads under
     :data:`~stn.pose.MIN_READ` pixels of the digit's frame, left out of the spreads), and where the distortion
     turns the digits ``.../angle_slope`` and ``.../angle_scatter`` (:class:`~stn.pose.AngleSlope`); for a
-    transformer of several passes, what its first ``k`` passes alone leave, ``.../stage<k>/angle_left`` (and
+    transformer of several stages, what its first ``k`` stages alone leave, ``.../stage<k>/angle_left`` (and
     ``log_scale``, ``shift``, ``residual`` where the distortion has them). Once per validation it logs the
     loc-nets' health on the first validation batch: the spread of each stage's predicted parameters
     (``loc/stage<k>/param_std``) and the share of its head's hidden units that are dead on every image
@@ -93,13 +91,8 @@ class STNClassifier(L.LightningModule):
         compile: compile the loc-nets and the classifier with ``torch.compile`` when training or
             testing starts (``True``, or a dict of its keyword arguments, e.g. ``{"mode":
             "max-autotune"}``); networks that cannot be compiled run eagerly (:mod:`stn.compilation`).
-        passes: how many times each stage is applied, its loc-net reading on each pass the image warped
-            by the passes before (recurrent refinement; :class:`~stn.transformer.SpatialTransformer`).
         detach_views: a later stage's loc-net reads the earlier stages' view with no gradient into them
             (a cheaper backward; :class:`~stn.transformer.SpatialTransformer`).
-        turned_negatives: ``weight``, ``min_angle``, ``max_angle`` (degrees): while the classifier learns,
-            it also reads its input turned by ``±U(min_angle, max_angle)`` and is trained towards uniform
-            class probabilities there, weighted by ``weight`` (0: off; :mod:`stn.turned_negatives`).
     """
 
     def __init__(
@@ -121,10 +114,7 @@ class STNClassifier(L.LightningModule):
         num_log_images: int = 16,
         freeze_classifier: tuple[float, float] | None = None,
         oracle_pose: bool | Sequence[float] = False,
-        equivariance: dict | None = None,
         compile: bool | dict = False,
-        passes: int | Sequence[int] = 1,
-        turned_negatives: dict | None = None,
         stage_loc_nets: Sequence[Mapping | None] | None = None,
         stage_start: Sequence[int] | None = None,
         detach_views: bool = False,
@@ -137,7 +127,7 @@ class STNClassifier(L.LightningModule):
         check_optimization(self.optimizer_config, self.scheduler_config)
         self.transformer = SpatialTransformer(
             transform, loc_net=loc_net, output_size=output_size, align_corners=align_corners,
-            padding_mode=padding_mode, passes=passes, stage_loc_nets=stage_loc_nets, detach_views=detach_views,
+            padding_mode=padding_mode, stage_loc_nets=stage_loc_nets, detach_views=detach_views,
             **(tps or {}),
         )
         self.classifier = CNNClassifier(in_channels=in_channels, num_classes=num_classes, **(classifier or {}))
@@ -172,8 +162,6 @@ class STNClassifier(L.LightningModule):
             self.freeze_classifier = None
         self.stage_start = check_stage_start(stage_start, len(self.transformer.stages))
         self.oracle_epochs = _check_oracle_pose(oracle_pose)
-        self.equivariance = _check_equivariance(equivariance, bool(self.transformer.loc_nets))
-        self.turned_negatives = _check_turned_negatives(turned_negatives, self.oracle_epochs is not None)
         self._compiled = False
         self._losses = LossWatch()
         if self.oracle_epochs and not self.transformer.loc_nets:
@@ -253,16 +241,8 @@ class STNClassifier(L.LightningModule):
             self.log("train/pose_error", pose_error, on_step=True, on_epoch=False)
             loss = F.cross_entropy(logits, labels) + pose_error
         else:
-            logits, params, grid = self._step(images)
+            logits, params, _ = self._step(images)
             loss = F.cross_entropy(logits, labels)
-            if self.turned_negatives["weight"] and self._classifier_learns:
-                loss = loss + self.turned_negatives["weight"] * self._turned_negative_loss(images, grid)
-        if self.equivariance["weight"]:
-            error = equivariance_error(
-                self.transformer, images, params[0], self.equivariance["angle"], self.equivariance["log_scale"]
-            )
-            self.log("train/equivariance", error, on_step=True, on_epoch=False)
-            loss = loss + self.equivariance["weight"] * error
         bending = self.transformer.bending(params) if self.bending_weight else None
         if bending is not None:
             bending = bending.mean()
@@ -272,15 +252,6 @@ class STNClassifier(L.LightningModule):
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def _turned_negative_loss(self, images: Tensor, grid: Tensor) -> Tensor:
-        """The classifier on its input turned away (:func:`~stn.turned_negatives.turn_grid`, no gradient to
-        the transformer) against uniform class probabilities; logged as ``train/turned_negatives``."""
-        settings = self.turned_negatives
-        turned = self.transformer.sample(images, turn_grid(grid.detach(), settings["min_angle"], settings["max_angle"]))
-        loss = uniform_cross_entropy(self.classify(turned))
-        self.log("train/turned_negatives", loss, on_step=True, on_epoch=False)
         return loss
 
     def _oracle_step(self, images: Tensor, digit_map: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
@@ -304,11 +275,6 @@ class STNClassifier(L.LightningModule):
         """Whether the transformer learns from the true pose in this epoch (``oracle_pose``)."""
         first, end = self.oracle_epochs or (0, 0)
         return first <= self.current_epoch < end
-
-    @property
-    def _classifier_learns(self) -> bool:
-        """Whether the classifier gets gradients now (``False`` inside ``freeze_classifier``)."""
-        return next(self.classifier.parameters()).requires_grad
 
     def _hold_in_their_epochs(self) -> None:
         """Hold the classifier inside ``freeze_classifier`` and each stage's loc-net before its ``stage_start``
@@ -345,15 +311,15 @@ class STNClassifier(L.LightningModule):
 
     @property
     def _partial_stages(self) -> list[str]:
-        """``stage1`` ... ``stage<n-1>`` for a transformer of ``n`` passes: the poses measured after its first
-        passes alone (``[]`` for one pass or none)."""
-        return [f"stage{index}" for index in range(1, len(self.transformer.passes))]
+        """``stage1`` ... ``stage<n-1>`` for a transformer of ``n`` stages: the poses measured after its first
+        stages alone (``[]`` for one stage or none)."""
+        return [f"stage{index}" for index in range(1, len(self.transformer.stages))]
 
     def _update_pose(
         self, images: Tensor, params: list[Tensor], grid: Tensor, digit_map: dict[str, Tensor], split: str
     ) -> None:
         """Fit the similarity from output pixels to the upright digit (inside its frame), after the transformer,
-        after each of its first passes alone and for the identity, over the images whose output (after the
+        after each of its first stages alone and for the identity, over the images whose output (after the
         whole transformer) shows the digit (the others are lost)."""
         batch, height, width = grid.shape[:3]
         identity = self.transformer.compose([], (height, width), images)
@@ -496,22 +462,13 @@ class STNClassifier(L.LightningModule):
         self._raise_if_diverged()  # never save the weights of a diverged run
         checkpoint["pretrained"] = self.pretrained
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = _single_stage_keys(checkpoint["state_dict"])
-
     def check_checkpoint(self, checkpoint: dict[str, Any], path: str) -> None:
         """Raise a one-paragraph error unless ``checkpoint`` (read from ``path``) fits this model."""
-        check_architecture(_single_stage_keys(checkpoint["state_dict"]), self, path)
+        check_architecture(checkpoint["state_dict"], self, path)
 
     @classmethod
-    def from_checkpoint(
-        cls, path: str, map_location: str | torch.device = "cpu", passes: int | Sequence[int] | None = None,
-    ) -> STNClassifier:
-        """Rebuild a trained model from a checkpoint without fetching backbone weights again.
-
-        ``passes`` applies its stages another number of times than in training (``None``: as trained);
-        the weights are the same, so this asks what the trained loc-nets do with a second look.
-        """
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> STNClassifier:
+        """Rebuild a trained model from a checkpoint without fetching backbone weights again."""
         checkpoint = load_checkpoint(path, map_location)
         if "hyper_parameters" not in checkpoint:
             raise CorruptInputError(f"{path} holds no model settings (hyper_parameters): it was not written by scripts/train.py.")
@@ -519,24 +476,30 @@ class STNClassifier(L.LightningModule):
         hparams["loc_net"] = {**(hparams.get("loc_net") or {}), "weights": None}
         if hparams.get("stage_loc_nets") is not None:
             hparams["stage_loc_nets"] = [{**(stage or {}), "weights": None} for stage in hparams["stage_loc_nets"]]
-        hparams["optimizer"], hparams["scheduler"] = from_names(hparams.get("optimizer"), hparams.get("scheduler"))
-        if passes is not None:
-            hparams["passes"] = passes
+        _drop_removed_settings(hparams, path)
         with random_backbones_replaced():  # the checkpoint's weights follow
             model = cls(**hparams)
         model.check_checkpoint(checkpoint, path)
-        model.load_state_dict(_single_stage_keys(checkpoint["state_dict"]))
+        model.load_state_dict(checkpoint["state_dict"])
         for loc_net in model.transformer.loc_nets:
             loc_net.pretrained = bool(checkpoint.get("pretrained", False))
         return model
 
 
-def _single_stage_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Checkpoints written before transformers became chains of stages hold ``transformer.loc_net.*``;
-    that loc-net is stage 0's."""
-    old = "transformer.loc_net."
-    return {(f"transformer.stages.0.loc_net.{key[len(old):]}" if key.startswith(old) else key): value
-            for key, value in state.items()}
+def _drop_removed_settings(hparams: dict[str, Any], path: str) -> None:
+    """Remove from a checkpoint's ``hparams`` the settings of refuted probes that checkpoints written until
+    commit d8d173e hold (``passes``, ``equivariance``, ``turned_negatives``; docs/research_log.md), where they
+    are off; a checkpoint of a run that used one is refused."""
+    passes = hparams.pop("passes", 1)
+    used = [] if passes == 1 or (isinstance(passes, (list, tuple)) and set(passes) <= {1}) else [f"passes={passes}"]
+    for name in ("equivariance", "turned_negatives"):
+        weight = (hparams.pop(name, None) or {}).get("weight", 0.0)
+        used += [f"{name}.weight={weight}"] if weight else []
+    if used:
+        raise SettingError(
+            f"{path} was trained with model.{', model.'.join(used)}, a probe since removed (docs/research_log.md). "
+            "Re-test it from a checkout of the commit it was trained with (git checkout d8d173e or earlier)."
+        )
 
 
 def _check_output_size(size: Sequence[int] | None) -> None:
@@ -547,19 +510,6 @@ def _check_output_size(size: Sequence[int] | None) -> None:
             f"model.output_size must be [H, W] with two positive integers (the size the warped image is "
             f"sampled at), got {size!r}. Set e.g. model.output_size=[28,28], or null for the input size."
         )
-
-
-def _check_equivariance(config: Mapping | None, has_transformer: bool) -> dict[str, float]:
-    settings = _non_negative_numbers(
-        "model.equivariance", config, {"weight": 0.0, "angle": 30.0, "log_scale": 0.15},
-        "weight, angle (degrees) and log_scale, each a number >= 0", "model.equivariance.weight=0.1 (0: off)",
-    )
-    if settings["weight"] and not has_transformer:
-        raise SettingError(
-            f"model.equivariance.weight={settings['weight']} trains the transformer's first stage, but "
-            "model.transform=none has none; choose a transform or set model.equivariance.weight=0."
-        )
-    return settings
 
 
 def _check_oracle_pose(oracle_pose: bool | Sequence[float]) -> tuple[float, float] | None:
@@ -573,33 +523,3 @@ def _check_oracle_pose(oracle_pose: bool | Sequence[float]) -> tuple[float, floa
 def _setting_text(value: Any) -> str:
     """A setting's value as written on the command line (``true``, ``[1, 5]``)."""
     return str(value).lower() if isinstance(value, bool) else str(list(value))
-
-
-def _check_turned_negatives(config: Mapping | None, oracle_pose: bool) -> dict[str, float]:
-    settings = _non_negative_numbers(
-        "model.turned_negatives", config, {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0},
-        "weight, min_angle and max_angle (degrees), each a number >= 0 with min_angle <= max_angle",
-        "model.turned_negatives.weight=0.5 model.turned_negatives.min_angle=20 model.turned_negatives.max_angle=45 "
-        "(weight 0: off)",
-        valid=lambda values: values["min_angle"] <= values["max_angle"],
-    )
-    if settings["weight"] and oracle_pose:
-        raise SettingError(
-            "model.turned_negatives.weight is set together with model.oracle_pose, which trains the transformer from "
-            "the true pose and the classifier with the plain class loss; set model.turned_negatives.weight=0 (or "
-            "model.oracle_pose=false)."
-        )
-    return settings
-
-
-def _non_negative_numbers(
-    setting: str, config: Mapping | None, defaults: dict[str, float], what: str, example: str,
-    valid: Callable[[dict[str, float]], bool] = lambda values: True,
-) -> dict[str, float]:
-    """``defaults`` updated from ``config``, as floats; a one-paragraph error unless it holds exactly
-    those keys, each a finite number >= 0, and ``valid`` accepts them."""
-    settings = {**defaults, **dict(config or {})}
-    numbers = all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in settings.values())
-    if set(settings) != set(defaults) or not numbers or not valid(settings):
-        raise SettingError(f"{setting} must hold {what}, got {dict(config or {})!r}. Set e.g. {example}.")
-    return {key: float(value) for key, value in settings.items()}

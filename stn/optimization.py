@@ -20,7 +20,7 @@ from hydra.utils import get_class
 
 from stn.errors import SettingError
 
-__all__ = ["DEFAULT_OPTIMIZER", "check_optimization", "build_optimizer", "build_scheduler", "from_names"]
+__all__ = ["DEFAULT_OPTIMIZER", "check_optimization", "build_optimizer", "build_scheduler"]
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
 HYDRA_KEYS = ("_target_", "_partial_")
@@ -67,24 +67,6 @@ def build_scheduler(
                 "the number of steps, or set model.scheduler=null."
             )
     return cls(optimizer, **{**run, **arguments})
-
-
-def from_names(optimizer: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | None) -> tuple[Any, Any]:
-    """Settings as checkpoints before ``_target_`` wrote them (``name: adamw``, ``name: onecycle``) in
-    today's form; others unchanged."""
-    optimizers = {"adamw": "torch.optim.AdamW", "adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}
-    schedulers = {"onecycle": "torch.optim.lr_scheduler.OneCycleLR",
-                  "cosine": "torch.optim.lr_scheduler.CosineAnnealingLR"}
-    if optimizer is not None and "name" in optimizer:
-        optimizer = _renamed(optimizer, optimizers)
-    if scheduler is not None and "name" in scheduler:
-        scheduler = None if scheduler["name"] == "none" else _renamed(scheduler, schedulers)
-    return optimizer, scheduler
-
-
-def _renamed(config: Mapping[str, Any], targets: dict[str, str]) -> dict[str, Any]:
-    settings = {key: value for key, value in config.items() if key != "name"}
-    return {"_target_": targets.get(config["name"], config["name"]), "_partial_": True, **settings}
 
 
 def _arguments(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.data[key] is None:
             cfg.data[key] = run["config"]["data"][key]
     resolved = _resolved(cfg)
-    model = STNClassifier.from_checkpoint(cfg.ckpt_path, passes=resolved.get("passes"))
+    model = STNClassifier.from_checkpoint(cfg.ckpt_path)
     datamodule = instantiate(cfg.data)
     trainer = L.Trainer(**cfg.trainer, callbacks=build_callbacks(cfg.get("callbacks")),
                         logger=build_logger(cfg.get("logger")))
@@ -160,7 +160,6 @@ def evaluate(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     config = {**run["config"], **resolved}
-    config["model"] = {**config.get("model", {}), "passes": model.hparams.passes}
     return write_summary(trainer, config, cfg.paths.output_dir, scalars(trainer, "test/"), extra)
 
 

@@ -105,15 +105,10 @@ class SpatialTransformer(nn.Module):
         output_size: ``(H', W')`` of the warped image; ``None`` keeps the input size.
         align_corners: the ``affine_grid`` / ``grid_sample`` convention, used everywhere.
         padding_mode: ``grid_sample`` padding for reads outside the input.
-        passes: how many times each stage is applied, one int per stage (or one for every stage). A
-            stage applied ``k`` times reads, on each pass, the image warped by every pass before and
-            refines the map with the same loc-net (recurrent refinement, as in inverse-compositional
-            STNs): if its loc-net undoes a fraction ``f`` of any turn, ``k`` passes leave ``(1 - f)^k``. The
-            passes compose into one resample of the input.
-        detach_views: each later pass's loc-net reads the view of the passes before it as data: no
-            gradient flows through that view into the earlier passes, which learn from the final grid
+        detach_views: each later stage's loc-net reads the view of the stages before it as data: no
+            gradient flows through that view into the earlier stages, which learn from the final grid
             alone. The backward then skips the later loc-nets' input gradients (and, with frozen
-            backbones, their backbones altogether). ``False``: every pass also learns from how its view
+            backbones, their backbones altogether). ``False``: every stage also learns from how its view
             serves the loc-nets after it.
     """
 
@@ -127,7 +122,6 @@ class SpatialTransformer(nn.Module):
         output_size: tuple[int, int] | None = None,
         align_corners: bool = False,
         padding_mode: str = "zeros",
-        passes: int | Sequence[int] = 1,
         stage_loc_nets: Sequence[Mapping | None] | None = None,
         detach_views: bool = False,
     ):
@@ -146,12 +140,6 @@ class SpatialTransformer(nn.Module):
             TransformStage(kind, stage_settings, target, size, self.align_corners)
             for kind, stage_settings in zip(kinds, settings)
         )
-        self.chain = _chain(passes, kinds)
-
-    @property
-    def passes(self) -> list[TransformStage]:
-        """The stage of every pass, in the order they are applied (a stage applied twice appears twice)."""
-        return [self.stages[index] for index in self.chain]
 
     @property
     def loc_nets(self) -> list[LocalizationNet]:
@@ -163,14 +151,14 @@ class SpatialTransformer(nn.Module):
         return self.output_size or (images.shape[-2], images.shape[-1])
 
     def localize(self, images: Tensor) -> list[Tensor]:
-        """Every pass's parameters for ``images`` ``(N, C, H, W)``.
+        """Every stage's parameters for ``images`` ``(N, C, H, W)``.
 
         Returns:
-            one tensor per pass (per stage unless ``passes`` repeats one): ``(N, T, 2)`` source points (``tps``), ``(N, 2, 3)`` theta
+            one tensor per stage: ``(N, T, 2)`` source points (``tps``), ``(N, 2, 3)`` theta
             (``affine``), ``(N, 4)`` angle, log-scale, shift (``similarity``); ``[]`` for ``none``.
         """
         params: list[Tensor] = []
-        for stage in self.passes:
+        for stage in self.stages:
             view = images
             if params:
                 view_size = stage.loc_net.input_size or self.out_size(images)
@@ -195,10 +183,10 @@ class SpatialTransformer(nn.Module):
             theta = IDENTITY_THETA.to(images).expand(batch, 2, 3)
             return F.affine_grid(theta, [batch, images.shape[1], *size], align_corners=self.align_corners)
         last = len(params) - 1
-        passes = self.passes
-        grid = passes[last].grid(params[last], size)
+        stages = list(self.stages)
+        grid = stages[last].grid(params[last], size)
         points = grid.reshape(batch, -1, 2)
-        for stage, stage_params in zip(reversed(passes[:last]), reversed(params[:last])):
+        for stage, stage_params in zip(reversed(stages[:last]), reversed(params[:last])):
             points = stage.map_points(stage_params, points)
         return points.view(batch, *size, 2)
 
@@ -213,7 +201,7 @@ class SpatialTransformer(nn.Module):
         source points; for ``affine`` the layout mapped through ``theta``; for ``none`` the layout.
         """
         points = self.target_points.expand(batch, -1, -1)
-        for stage, stage_params in zip(reversed(self.passes), reversed(params)):
+        for stage, stage_params in zip(reversed(list(self.stages)), reversed(params)):
             points = stage.map_points(stage_params, points)
         return points
 
@@ -221,7 +209,7 @@ class SpatialTransformer(nn.Module):
         """Bending energy ``(N,)`` summed over the TPS stages (each of its own map); ``None`` without one."""
         energies = [
             stage.grid_gen.bending_energy(stage_params)
-            for stage, stage_params in zip(self.passes, params) if stage.kind == "tps"
+            for stage, stage_params in zip(self.stages, params) if stage.kind == "tps"
         ]
         return torch.stack(energies).sum(0) if energies else None
 
@@ -249,18 +237,6 @@ def stage_kinds(transform: str | Sequence[str]) -> list[str]:
             f"a list of stages applied in order, e.g. model.transform=[similarity,tps] ('none' only alone)."
         )
     return kinds
-
-
-def _chain(passes: int | Sequence[int], kinds: list[str]) -> tuple[int, ...]:
-    """The stage index of every pass: ``passes=[2, 1]`` of two stages -> ``(0, 0, 1)``."""
-    counts = [passes] * len(kinds) if isinstance(passes, int) else list(passes)
-    if len(counts) != len(kinds) or any(not isinstance(count, int) or count < 1 for count in counts):
-        raise SettingError(
-            f"model.passes={passes!r} does not fit model.transform={kinds or 'none'}: give one whole number >= 1 "
-            f"per stage ({len(kinds)} here), e.g. model.passes=[{', '.join(['2'] + ['1'] * (len(kinds) - 1)) or 1}] "
-            "to apply the first stage twice, or one number for every stage (model.passes=1: each stage once)."
-        )
-    return tuple(index for index, count in enumerate(counts) for _ in range(count))
 
 
 def _stage_loc_net_settings(

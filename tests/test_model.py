@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import urllib.error
 from types import SimpleNamespace
 
@@ -26,15 +27,12 @@ import stn.data.distortions as D
 from stn.classifier import CNNClassifier
 from stn.curriculum import hold
 from stn.divergence import LossWatch
-from stn.equivariance import equivariance_error, random_similarity
 from stn.errors import SettingError
 from stn.health import loc_net_health
 from stn.localization import IMAGENET_MEAN, IMAGENET_STD, LocalizationNet
 from stn.module import STNClassifier
-from stn.optimization import from_names
 from stn.tps import bending_energy, grid_points, tps_warp
-from stn.transformer import SpatialTransformer, similarity_theta
-from stn.turned_negatives import turn_grid, uniform_cross_entropy
+from stn.transformer import SpatialTransformer
 from stn.viz import draw_mesh, draw_points, image_grid, to_pixels
 
 CHEAP = {"backbone": "resnet18", "weights": None, "input_size": 16}
@@ -416,22 +414,28 @@ def test_the_scheduler_runs_over_the_whole_run_at_each_groups_rate(scheduler, lr
             schedule.step()
 
 
-def test_checkpoints_written_with_optimiser_names_load(tmp_path):
-    """Checkpoints before _target_ settings held ``name: adamw`` / ``name: onecycle`` / ``name: none``."""
-    assert from_names({"name": "adamw", "lr": 0.1, "weight_decay": 0.0}, {"name": "onecycle", "pct_start": 0.25}) == (
-        {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1, "weight_decay": 0.0},
-        {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "pct_start": 0.25},
-    )
-    assert from_names({"name": "sgd", "lr": 0.1}, {"name": "none"})[1] is None
-    today = ({"_target_": "torch.optim.Adam", "lr": 0.1}, None)
-    assert from_names(*today) == today
-    model = STNClassifier("affine", loc_net=CHEAP).eval()
-    old = {**model.hparams, "optimizer": {"name": "sgd", "lr": 0.1}, "scheduler": {"name": "none"}}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": old}, tmp_path / "old.ckpt")
-    loaded = STNClassifier.from_checkpoint(str(tmp_path / "old.ckpt")).eval()
-    assert loaded.optimizer_config == {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
-    assert loaded.scheduler_config is None
-    torch.testing.assert_close(loaded(images(2)), model(images(2)))
+@pytest.mark.parametrize("used, named", [
+    ({"passes": [2, 1]}, "model.passes=[2, 1]"),
+    ({"equivariance": {"weight": 0.1, "angle": 30.0, "log_scale": 0.15}}, "model.equivariance.weight=0.1"),
+    ({"turned_negatives": {"weight": 1.0, "min_angle": 20.0, "max_angle": 45.0}}, "model.turned_negatives.weight=1.0"),
+])
+def test_checkpoints_holding_the_removed_probe_settings_load_where_they_are_off(tmp_path, used, named):
+    """Checkpoints written until the refuted probes were removed hold model.passes, model.equivariance and
+    model.turned_negatives: at their defaults (off) the model loads and predicts as saved; a run that used one
+    is refused with a paragraph naming it."""
+    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP)
+    _perturb(model.transformer)
+    off = {"passes": 1, "equivariance": {"weight": 0.0, "angle": 30.0, "log_scale": 0.15},
+           "turned_negatives": {"weight": 0.0, "min_angle": 20.0, "max_angle": 45.0}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, **off}}, tmp_path / "off.ckpt")
+    loaded = STNClassifier.from_checkpoint(str(tmp_path / "off.ckpt")).eval()
+    assert dict(loaded.hparams) == dict(model.hparams)
+    x = images(2)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {**model.hparams, **off, **used}},
+               tmp_path / "used.ckpt")
+    with pytest.raises(SettingError, match=re.escape(named) + r".* a probe since removed .*git checkout d8d173e"):
+        STNClassifier.from_checkpoint(str(tmp_path / "used.ckpt"))
 
 
 def _fit(model: STNClassifier, batches: list[torch.Tensor], tmp_path, **trainer) -> L.Trainer:
@@ -720,26 +724,6 @@ def test_bending_energy_sums_the_tps_stages():
     assert SpatialTransformer("affine", loc_net=CHEAP).bending([torch.eye(2, 3)[None]]) is None
 
 
-def test_a_stage_applied_twice_reads_its_own_view_and_composes_the_two_maps():
-    """passes=2 of a similarity stage: the second pass is the same loc-net on the image warped by the
-    first, and the composed map is the product of the two 3x3 matrices (checked against a warp of a warp)."""
-    stn = SpatialTransformer("similarity", loc_net=CHEAP, output_size=(28, 28), passes=2)
-    _perturb(stn)
-    x = images(2)
-    first, second = stn.localize(x)
-    theta1 = stn.stages[0].theta(first)
-    view = F.grid_sample(x, F.affine_grid(theta1, [2, 1, 16, 16], align_corners=False), align_corners=False)
-    torch.testing.assert_close(second, stn.loc_nets[0](view))
-    bottom = torch.tensor([0.0, 0.0, 1.0]).expand(2, 1, 3)
-    product = torch.cat([theta1, bottom], 1) @ torch.cat([stn.stages[0].theta(second), bottom], 1)
-    expected = F.affine_grid(product[:, :2], [2, 1, 28, 28], align_corners=False)
-    torch.testing.assert_close(stn.grid([first, second], x), expected, atol=1e-5, rtol=0)
-    assert stn.chain == (0, 0)
-    assert sum(p.numel() for p in stn.parameters()) == sum(
-        p.numel() for p in SpatialTransformer("similarity", loc_net=CHEAP).parameters()
-    )  # no new weights: the same loc-net twice
-
-
 def test_detached_views_give_the_same_warp_and_drop_only_the_gradient_through_the_view():
     """detach_views: the output is the plain path's, the TPS stage's gradients are equal, and the similarity
     stage's gradient is the plain one less the part that flows through the TPS loc-net's view (chain rule:
@@ -773,25 +757,16 @@ def test_detached_views_give_the_same_warp_and_drop_only_the_gradient_through_th
     assert SpatialTransformer(["similarity", "tps"], loc_net=CHEAP).detach_views is False
 
 
-def test_passes_per_stage_order_the_chain_and_keep_one_health_report_per_stage():
-    stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=[3, 1])
-    assert stn.chain == (0, 0, 0, 1) and len(stn.loc_nets) == 2
+def test_loc_net_health_reports_each_stage_on_its_own_parameters():
+    stn = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP)
     _perturb(stn)
     x = images(4)
     params = stn.localize(x)
-    assert [tuple(p.shape[1:]) for p in params] == [(4,), (4,), (4,), (16, 2)]
-    torch.testing.assert_close(stn.bending(params), bending_energy(params[3], stn.target_points))
+    assert [tuple(p.shape[1:]) for p in params] == [(4,), (16, 2)]
     health = loc_net_health(stn, x)
     assert len(health) == 2
-    assert health[0]["param_std"] == pytest.approx(float(params[0].detach().std(0).mean()))  # the first pass
-    untrained = SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=2)
-    torch.testing.assert_close(untrained(x), x, atol=1e-5, rtol=0)  # the identity, however many passes
-
-
-@pytest.mark.parametrize("passes", [[2], [1, 0], 0, [1.5, 1]])
-def test_passes_that_do_not_fit_the_stages_name_the_setting(passes):
-    with pytest.raises(SettingError, match=r"model.passes=.*one whole number >= 1 per stage \(2 here\)"):
-        SpatialTransformer(["similarity", "tps"], loc_net=CHEAP, passes=passes)
+    for report, stage_params in zip(health, params):
+        assert report["param_std"] == pytest.approx(float(stage_params.detach().flatten(1).std(0).mean()))
 
 
 def test_stage_loc_nets_override_the_shared_settings_per_stage(tmp_path):
@@ -888,18 +863,6 @@ def test_a_normalised_head_is_layer_norm_before_the_relu_and_keeps_its_units_ali
         assert loc_net_health(stn, x)[0]["dead_units"] == dead < 1.0
     with pytest.raises(SettingError, match=r"model.loc_net.head_norm"):
         SpatialTransformer("similarity", loc_net={**CHEAP, "hidden": 0, "head_norm": True})
-
-
-def test_a_checkpoint_from_before_stages_loads_into_stage_zero(tmp_path):
-    model = STNClassifier("tps", loc_net=CHEAP)
-    _perturb(model.transformer)
-    old_keys = {key.replace("transformer.stages.0.loc_net.", "transformer.loc_net."): value
-                for key, value in model.state_dict().items()}
-    path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": old_keys, "hyper_parameters": dict(model.hparams), "pretrained": False}, path)
-    loaded = STNClassifier.from_checkpoint(str(path)).eval()
-    x = images(2)
-    torch.testing.assert_close(loaded.transformer(x), model.eval().transformer(x))
 
 
 # ---------------------------------------------------------------- frozen classifier
@@ -1087,137 +1050,3 @@ def test_a_freeze_range_that_outlasts_the_run_warns_with_the_fix(caplog):
     model._trainer = SimpleNamespace(max_epochs=12)
     model.on_fit_start()
     assert "outlasts" not in caplog.text
-
-
-# ---------------------------------------------------------------- equivariance of the first stage
-
-
-def test_equivariance_error_of_the_identity_transformer_is_the_closed_form():
-    """At the identity both maps are the layout itself, so a target point o of the layout lands at
-    s R(a) o instead of o: |s R(a) o - o|^2 = |o|^2 (s^2 - 2 s cos a + 1), and the layout's spread is
-    sum |o|^2 (its mean is 0), so the relative error is s^2 - 2 s cos a + 1 per image."""
-    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28))
-    x = images(5)
-    params = model.transformer.localize(x)
-    torch.manual_seed(3)
-    error = equivariance_error(model.transformer, x, params[0], 30.0, 0.15)
-    torch.manual_seed(3)
-    theta = random_similarity(5, 30.0, 0.15, "cpu").double()
-    scale = torch.linalg.det(theta[:, :, :2]).sqrt()
-    cos = theta[:, 0, 0] / scale
-    assert cos.min() < math.cos(math.radians(10)), "the draws turn the images"
-    expected = (scale.square() - 2 * scale * cos + 1).mean()
-    torch.testing.assert_close(error.double(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_equivariance_error_is_zero_for_a_first_stage_that_moves_with_the_image(monkeypatch):
-    """A first stage that predicts g for the image and A^-1 g for its copy turned by A (angle - a,
-    log-scale - log s, shift R(-a) t / s) is exactly equivariant; a stage that ignores the turn is not."""
-    model = STNClassifier("similarity", loc_net=CHEAP)
-    x = images(4)
-    angle, log_scale = torch.tensor([0.3, -0.5, 0.1, 0.0]), torch.tensor([0.1, -0.2, 0.0, 0.05])
-    turn = torch.tensor([[0.4, 0.1], [-0.3, -0.12], [0.5, 0.0], [-0.1, 0.14]])  # (a, log s) per image
-    own = torch.stack([angle, log_scale, torch.full((4,), 0.2), torch.full((4,), -0.1)], 1)
-    a, s = turn[:, 0], turn[:, 1].exp()
-    shift = own[:, 2:]
-    back = torch.stack([a.cos() * shift[:, 0] + a.sin() * shift[:, 1], -a.sin() * shift[:, 0] + a.cos() * shift[:, 1]], 1) / s[:, None]
-    moved = torch.cat([(angle - a)[:, None], (log_scale - turn[:, 1])[:, None], back], 1)
-    theta = similarity_theta(torch.cat([turn, torch.zeros(4, 2)], 1))
-    monkeypatch.setattr("stn.equivariance.random_similarity", lambda *args: theta)
-    stage = model.transformer.stages[0]
-    monkeypatch.setattr(stage.loc_net, "forward", lambda images: moved)
-    assert equivariance_error(model.transformer, x, own, 30.0, 0.15).item() < 1e-10
-    monkeypatch.setattr(stage.loc_net, "forward", lambda images: own)
-    ignoring = equivariance_error(model.transformer, x, own, 30.0, 0.15)
-    assert ignoring.item() > 0.01
-    small = own.clone()
-    small[:, 1] -= 5  # the same maps shrunk towards the image centre: no less wrong relative to their size
-    small[:, 2:] *= math.exp(-5)
-    monkeypatch.setattr(stage.loc_net, "forward", lambda images: small)
-    torch.testing.assert_close(equivariance_error(model.transformer, x, small, 30.0, 0.15), ignoring)
-
-
-def test_equivariance_adds_its_weighted_error_to_the_loss_and_bad_settings_name_the_setting():
-    torch.manual_seed(0)
-    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, equivariance={"weight": 0.5})
-    x, labels = images(4), torch.tensor([0, 1, 2, 3])
-    torch.manual_seed(7)
-    loss = model.training_step((x, labels), 0)
-    torch.manual_seed(7)
-    logits, params, _ = model._step(x)
-    expected = F.cross_entropy(logits, labels) + 0.5 * equivariance_error(model.transformer, x, params[0], 30.0, 0.15)
-    torch.testing.assert_close(loss, expected)
-    with pytest.raises(SettingError, match=r"model\.equivariance must hold weight, angle"):
-        STNClassifier("affine", loc_net=CHEAP, equivariance={"weight": -1})
-    with pytest.raises(SettingError, match=r"model\.equivariance must hold weight, angle"):
-        STNClassifier("affine", loc_net=CHEAP, equivariance={"wieght": 1})
-    with pytest.raises(SettingError, match=r"model\.equivariance\.weight=1\.0 .*model\.transform=none"):
-        STNClassifier("none", equivariance={"weight": 1.0})
-
-
-# ---------------------------------------------------------------- turned negatives
-
-
-def test_turn_grid_turns_the_output_by_the_drawn_angle_either_way():
-    """Through the identity grid, a small blob off the centre of a square image lands where a turn of
-    +-30 degrees about the centre takes it (its intensity centroid, against the closed-form rotation),
-    both signs are drawn, and through an affine grid the turned grid is the affine map of the turned
-    identity (bilinear reads of an affine grid are exact)."""
-    x = torch.zeros(32, 1, 41, 41)
-    x[..., 8:12, 27:31] = 1.0  # the blob at (x, y) = (28.5, 9.5) pixels - 20 = (8.5, -10.5) about the centre
-    identity = F.affine_grid(torch.eye(2, 3).expand(32, 2, 3), [32, 1, 41, 41], align_corners=False)
-    torch.manual_seed(0)
-    turned = F.grid_sample(x, turn_grid(identity, 30.0, 30.0), align_corners=False)
-    ys, xs = torch.meshgrid(torch.arange(41.0) - 20, torch.arange(41.0) - 20, indexing="ij")
-    mass = turned[:, 0].sum((1, 2))
-    centroid = torch.stack([(turned[:, 0] * xs).sum((1, 2)), (turned[:, 0] * ys).sum((1, 2))], 1) / mass[:, None]
-    a = math.radians(30.0)
-    # the output reads the input at R p, so a blob at q shows at R^-1 q, for R of +30 or -30 degrees
-    candidates = [torch.tensor([math.cos(s * a) * 8.5 + math.sin(s * a) * -10.5,
-                                -math.sin(s * a) * 8.5 + math.cos(s * a) * -10.5]) for s in (1, -1)]
-    distances = torch.stack([(centroid - c).norm(dim=1) for c in candidates], 1)
-    assert distances.min(1).values.max() < 0.3
-    assert (distances.argmin(1) == 0).any() and (distances.argmin(1) == 1).any()
-    torch.testing.assert_close(mass, torch.full((32,), 16.0), atol=0.2, rtol=0)
-    theta = torch.tensor([[[0.7, -0.2, 0.1], [0.25, 0.8, -0.05]]]).expand(32, 2, 3)
-    affine = F.affine_grid(theta, [32, 1, 28, 28], align_corners=False)
-    torch.manual_seed(1)
-    turned_affine = turn_grid(affine, 20.0, 45.0)
-    torch.manual_seed(1)
-    turned_identity = turn_grid(F.affine_grid(torch.eye(2, 3).expand(32, 2, 3), [32, 1, 28, 28], align_corners=False), 20.0, 45.0)
-    inside = (turned_identity.abs() <= 1).all(-1)
-    expected = turned_identity @ theta[:, None, :, :2].transpose(-1, -2) + theta[:, None, None, :, 2]
-    torch.testing.assert_close(turned_affine[inside], expected[inside], atol=1e-5, rtol=0)
-    assert (turned_affine[~inside] == 3.0).all() and (~inside).any()  # out of the frame: outside the input
-
-
-def test_uniform_cross_entropy_is_the_soft_target_cross_entropy_less_log_k():
-    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
-    expected = F.cross_entropy(logits, torch.full_like(logits, 0.1)) - math.log(10)
-    torch.testing.assert_close(uniform_cross_entropy(logits), expected)
-    assert uniform_cross_entropy(torch.full((3, 10), 2.5)).abs() < 1e-6
-
-
-def test_turned_negatives_add_to_the_loss_only_while_the_classifier_learns():
-    torch.manual_seed(0)
-    settings = {"weight": 0.5, "min_angle": 20.0, "max_angle": 45.0}
-    model = STNClassifier(["similarity", "tps"], loc_net=CHEAP, output_size=(28, 28), turned_negatives=settings)
-    x, labels = images(4), torch.tensor([0, 1, 2, 3])
-    torch.manual_seed(7)
-    loss = model.training_step((x, labels), 0)
-    torch.manual_seed(7)
-    logits, _, grid = model._step(x)
-    turned = model.transformer.sample(x, turn_grid(grid, 20.0, 45.0))
-    expected = F.cross_entropy(logits, labels) + 0.5 * uniform_cross_entropy(model.classify(turned))
-    torch.testing.assert_close(loss, expected)
-    frozen = STNClassifier(["similarity", "tps"], loc_net=CHEAP, turned_negatives=settings, freeze_classifier=[0, 1])
-    loss = frozen.training_step((x, labels), 0)  # freezes the classifier: evaluation mode, no dropout
-    torch.testing.assert_close(loss, F.cross_entropy(frozen._step(x)[0], labels))
-
-
-@pytest.mark.parametrize("settings", [{"weight": -1}, {"wieght": 1}, {"min_angle": 50, "max_angle": 40}])
-def test_bad_turned_negatives_name_the_setting(settings):
-    with pytest.raises(SettingError, match=r"model\.turned_negatives must hold weight, min_angle and max_angle"):
-        STNClassifier("affine", loc_net=CHEAP, turned_negatives=settings)
-    with pytest.raises(SettingError, match=r"together with model\.oracle_pose.*model\.turned_negatives\.weight=0"):
-        STNClassifier("affine", loc_net=CHEAP, turned_negatives={"weight": 1}, oracle_pose=True)

@@ -164,7 +164,7 @@ def test_the_module_reports_ratio_one_for_an_identity_transformer():
     assert logged["test/pose/lost"] == 0.0
 
 
-def test_the_module_reports_what_the_first_passes_alone_leave():
+def test_the_module_reports_what_the_first_stages_alone_leave():
     """Two affine stages, one handed the exact inverse of each RTS image's distortion (the digit map's
     homography inverted: output pixel p reads where digit pixel 14 p lies), the other the identity. Either way
     the whole transformer leaves ~0; the first stage alone leaves ~0 when it holds the inverse and the whole
