@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from stn.data import DISTORTIONS, MNISTDataModule
-from stn.localization import BACKBONE_DTYPES, LocalizationNet, random_backbones_replaced
+from stn.localization import LocalizationNet, random_backbones_replaced
+from stn.precision import BACKBONE_DTYPES
 from stn.step_profile import PHASES, StepProfile, profile_training_steps
 from stn.tps import TPSGridGen, grid_points
 

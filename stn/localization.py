@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from stn.errors import MissingInputError, SettingError
+from stn.precision import check_backbone_dtype, resolve_backbone_dtype
 
 __all__ = [
-    "BACKBONE_DTYPES", "LocalizationNet", "backbone_features", "build_backbone", "check_backbone_dtype", "feature_size",
+    "LocalizationNet", "backbone_features", "build_backbone", "feature_size",
     "head_name", "loc_net_view", "random_backbones_replaced", "view_size",
 ]
 
@@ -228,7 +229,8 @@ class LocalizationNet(nn.Module):
         lr_mult: learning-rate multiplier of the whole network relative to the base rate.
         backbone_lr_mult: extra learning-rate multiplier of the backbone (on top of ``lr_mult``).
         backbone_dtype: ``"float32"`` runs the backbone in the run's precision; ``"bfloat16"`` or
-            ``"float16"`` under autocast in that dtype, its features returned in float32 for the head.
+            ``"float16"`` under autocast in that dtype, its features returned in float32 for the head;
+            ``"auto"``: bfloat16 where the device computes it natively, else float32 (:mod:`stn.precision`).
     """
 
     def __init__(
@@ -244,7 +246,7 @@ class LocalizationNet(nn.Module):
         head_norm: bool = False,
         lr_mult: float = 1.0,
         backbone_lr_mult: float = 1.0,
-        backbone_dtype: str = "float32",
+        backbone_dtype: str = "auto",
     ):
         super().__init__()
         initial = torch.as_tensor(initial, dtype=torch.float32)
@@ -332,24 +334,12 @@ class LocalizationNet(nn.Module):
         return params.view(-1, *self.output_shape)
 
 
-BACKBONE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_backbone_dtype(dtype: str, setting: str) -> str:
-    """``dtype``, if a backbone can run in it; else a :class:`SettingError` naming ``setting``."""
-    if dtype not in BACKBONE_DTYPES:
-        raise SettingError(
-            f"{setting}={dtype!r} is not a dtype a backbone can run in. Set it to float32 (the run's own "
-            "precision), bfloat16 (autocast: dense convolutions about 3x faster on CPUs with AVX512-BF16 or AMX "
-            "and on recent GPUs; slower where the CPU emulates it) or float16."
-        )
-    return dtype
-
-
 def backbone_features(backbone: nn.Module, view: Tensor, dtype: str) -> Tensor:
     """The flattened float32 features ``(N, F)`` of ``backbone`` for a normalised ``view`` ``(N, 3, H, W)``, the
-    backbone run in ``dtype`` (one of :data:`BACKBONE_DTYPES`): ``float32`` leaves the run's own precision, an
-    outer autocast included, as it is; ``bfloat16`` / ``float16`` autocast on the view's device."""
+    backbone run in ``dtype`` (one of :data:`~stn.precision.BACKBONE_DTYPES`): ``float32`` leaves the run's own
+    precision, an outer autocast included, as it is; ``bfloat16`` / ``float16`` autocast on the view's device;
+    ``auto`` is bfloat16 where the view's device computes it natively, else float32."""
+    dtype = resolve_backbone_dtype(dtype, view.device)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(view.device.type, dtype=getattr(torch, dtype))
     with autocast:
         features = backbone(view)

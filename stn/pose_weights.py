@@ -64,11 +64,9 @@ def _made(path: Path, loc_net: Mapping[str, Any], size: tuple[int, int], setting
     images = train_images()
     if settings.get("digits") is not None:
         images = images[: settings["digits"]]
-    log.warning(
+    log.info(
         "model.loc_net.weights=pose: pretraining %s cut at %s on a %dx%d view to read the %s pose of %d training "
-        "digits, %d epochs (once; on a 2-core CPU about 10 s an epoch for shufflenet_v2_x0_5 at stage2 on 32x32, "
-        "55 s for resnet18 at layer2 on 42x42, 21 s with pose_pretraining.backbone_dtype=bfloat16 and "
-        "pose_pretraining.channels_last=true), cached at %s",
+        "digits, %d epochs, once: then cached at %s",
         backbone, node, *size, settings["distortion"], images.shape[0], settings["epochs"], path,
     )
     start = time.perf_counter()

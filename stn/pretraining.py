@@ -30,10 +30,9 @@ from torch import Tensor, nn
 
 from stn.data.distortions import CANVAS_SIZE, INPUT_SIZE, R_MAX_ANGLE, RTS_MAX_ANGLE, RTS_SCALE, sample_params, warp
 from stn.errors import SettingError
-from stn.localization import (
-    IMAGENET_MEAN, IMAGENET_STD, backbone_features, build_backbone, check_backbone_dtype, feature_size, head_name,
-    loc_net_view,
-)
+from stn.localization import IMAGENET_MEAN, IMAGENET_STD, backbone_features, build_backbone, feature_size, head_name, loc_net_view
+from stn.precision import check_backbone_dtype, resolve_backbone_dtype
+from stn.progress import StepClock
 
 __all__ = ["pose_pretext", "pose_targets", "pretrain_backbone", "pretrain_pose"]
 
@@ -60,19 +59,25 @@ def _fit(
     parameters: list[nn.Parameter],
     count: int,
     batch_loss: Callable[[Tensor], Tensor],
-    report: Callable[[int], None],
+    report: Callable[[int], str],
     epochs: int,
     batch_size: int,
     lr: float,
     generator: torch.Generator,
+    task: str,
 ) -> None:
     """Adam with a one-cycle schedule over ``epochs`` shuffled passes of ``count`` examples.
 
     ``batch_loss`` takes the ``(B,)`` indices of a batch and returns its loss; ``report`` is called
-    with the epoch after each pass. ``generator`` shuffles (and may draw whatever ``batch_loss`` draws).
+    with the epoch after each pass and returns what the epoch's log line says of it. ``generator``
+    shuffles (and may draw whatever ``batch_loss`` draws). ``task`` names the job in the progress lines:
+    one with the time it will take, estimated from its first steps on this machine, and one per epoch
+    with the time left.
     """
+    steps_per_epoch = -(-count // batch_size)
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * -(-count // batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    clock = StepClock(task, epochs * steps_per_epoch, log)
     for epoch in range(epochs):
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
@@ -81,7 +86,8 @@ def _fit(
             loss.backward()
             optimizer.step()
             schedule.step()
-        report(epoch)
+            clock.step()
+        clock.epoch(epoch, epochs, report(epoch))
 
 
 def pretrain_backbone(
@@ -113,13 +119,15 @@ def pretrain_backbone(
         correct.append(int((logits.argmax(1) == labels[index]).sum()))
         return F.cross_entropy(logits, labels[index])
 
-    def report(epoch: int) -> None:
-        log.info("pretraining %s: epoch %d, training accuracy %.4f", backbone, epoch, sum(correct) / labels.shape[0])
+    def report(epoch: int) -> str:
+        accuracy = sum(correct) / labels.shape[0]
         correct.clear()
+        return f"training accuracy {accuracy:.4f}"
 
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    _fit(list(model.parameters()), labels.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
+    _fit(list(model.parameters()), labels.shape[0], batch_loss, report, epochs, batch_size, lr, generator,
+         f"pretraining {backbone} to classify digits")
     return model.state_dict()
 
 
@@ -166,7 +174,7 @@ def pretrain_pose(
     lr: float = 1e-3,
     hidden: int = 64,
     seed: int = 0,
-    backbone_dtype: str = "float32",
+    backbone_dtype: str = "auto",
     channels_last: bool = False,
 ) -> dict[str, Tensor]:
     """Train ``backbone`` cut at ``feature_node`` to regress the pose of distorted ``images``; return the
@@ -182,12 +190,13 @@ def pretrain_pose(
         hidden: width of the regression head's hidden layer (discarded afterwards).
         seed: initialisation, shuffling and the distortion draws.
         backbone_dtype: ``float32``, or ``bfloat16`` / ``float16`` to run the backbone under autocast (mixed
-            precision: the weights, the head and the loss stay float32), as ``model.loc_net.backbone_dtype``.
+            precision: the weights, the head and the loss stay float32), as ``model.loc_net.backbone_dtype``;
+            ``auto``: bfloat16 where this CPU computes it natively, else float32 (the pretext runs on the CPU).
         channels_last: the backbone and its views in channels-last memory format (on a CPU about 1.4x faster
             for resnet18's dense convolutions; the returned weights are contiguous either way).
     """
     _check_pose_distortion(distortion)
-    check_backbone_dtype(backbone_dtype, "pose_pretraining.backbone_dtype")
+    backbone_dtype = resolve_backbone_dtype(check_backbone_dtype(backbone_dtype, "pose_pretraining.backbone_dtype"), "cpu")
     parts = POSE_PARTS[distortion]
     torch.manual_seed(seed)
     full = torchvision.models.get_model(backbone, weights=None)
@@ -207,17 +216,15 @@ def pretrain_pose(
         spreads.append(target.square().sum(0))
         return F.mse_loss(predicted, target)
 
-    def report(epoch: int) -> None:
+    def report(epoch: int) -> str:
         left = (torch.stack(errors).sum(0) / torch.stack(spreads).sum(0)).sqrt()
-        log.info(
-            "pose pretraining %s at %s: epoch %d, rms error / rms pose: %s",
-            backbone, feature_node, epoch, ", ".join(f"{part} {value:.3f}" for part, value in zip(parts, left.tolist())),
-        )
         errors.clear()
         spreads.clear()
+        return "rms error / rms pose: " + ", ".join(f"{part} {value:.3f}" for part, value in zip(parts, left.tolist()))
 
     cut.to(memory_format=memory_format).train()
-    _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator)
+    _fit([*cut.parameters(), *head.parameters()], images.shape[0], batch_loss, report, epochs, batch_size, lr, generator,
+         f"pose pretraining {backbone} at {feature_node} ({backbone_dtype})")
     body = cut.body.state_dict() if hasattr(cut, "body") else cut.state_dict()
     full_head = head_name(full, backbone)
     unexpected = full.load_state_dict(body, strict=False).unexpected_keys

@@ -27,6 +27,7 @@ from stn.images import image_files, load_image
 from stn.data.mnist import TensorPairs
 from stn.module import STNClassifier
 from stn.pose_weights import with_pose_weights
+from stn.precision import AUTO, cpu_name, native_bfloat16, resolve_backbone_dtype
 from stn.pretraining import pose_pretext
 from stn.run_folders import LAST, register_resolvers, resume_point
 from stn.run_summary import scalars, write_summary
@@ -79,6 +80,7 @@ def _train(cfg: DictConfig) -> dict:
     if finished:
         print(f"Already finished, skipped: {finished}")
         return json.loads(finished.read_text())
+    precision = _resolve_precision(cfg)
     datamodule = instantiate(cfg.data)
     model_config = _with_pose_weights(cfg)  # before seeding: pretraining seeds itself
     seed = L.seed_everything(cfg.seed, workers=True)
@@ -108,9 +110,42 @@ def _train(cfg: DictConfig) -> dict:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
+        "precision": precision,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     return write_summary(trainer, _resolved(cfg), cfg.paths.output_dir, metrics, extra)
+
+
+def _run_device(accelerator: str) -> torch.device:
+    """The device a Trainer with ``trainer.accelerator=accelerator`` trains on (``auto``: a GPU when there is one)."""
+    if str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _resolve_precision(cfg: DictConfig) -> dict:
+    """Replace every ``backbone_dtype: auto`` of ``cfg`` by the dtype it means on this machine: the loc-nets' for
+    the run's device, the pose pretext's for the CPU (where it runs); log it and return the record that
+    ``metrics.json`` keeps (the resolved config reaches it and the HPARAMS tab too, and the pose file's name)."""
+    device = _run_device(cfg.trainer.accelerator)
+    loc_nets = [entry for entry in [cfg.model.get("loc_net"), *(cfg.model.get("stage_loc_nets") or [])]
+                if entry is not None and entry.get("backbone_dtype") == AUTO]
+    for entry in loc_nets:
+        entry.backbone_dtype = resolve_backbone_dtype(AUTO, device)
+    if cfg.get("pose_pretraining") is not None:
+        cfg.pose_pretraining.backbone_dtype = resolve_backbone_dtype(cfg.pose_pretraining.backbone_dtype, "cpu")
+    record = {
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bfloat16": native_bfloat16(device.type),
+        "loc_net_backbone_dtype": cfg.model.get("loc_net", {}).get("backbone_dtype"),
+        "pose_pretraining_backbone_dtype": cfg.get("pose_pretraining", {}).get("backbone_dtype"),
+    }
+    log.info("Precision on this machine (%s, torch CPU capability %s, native bfloat16 on %s: %s): loc-net backbone %s, "
+             "pose pretext backbone %s", record["cpu"], record["cpu_capability"], device, record["native_bfloat16"],
+             record["loc_net_backbone_dtype"], record["pose_pretraining_backbone_dtype"])
+    return record
 
 
 def _with_pose_weights(cfg: DictConfig) -> DictConfig:

@@ -123,7 +123,8 @@ def test_a_channels_last_pretext_reads_channels_last_views_and_learns_what_the_c
     rounding flips)."""
     states, seen = pretexts_seen_by_the_first_convolution(
         monkeypatch, lambda view, _: view.is_contiguous(memory_format=torch.channels_last),
-        contiguous={"channels_last": False}, channels_last={"channels_last": True})
+        contiguous={"channels_last": False, "backbone_dtype": "float32"},
+        channels_last={"channels_last": True, "backbone_dtype": "float32"})
     assert seen == [False] * STEPS + [True] * STEPS
     trained = [key for key in states["contiguous"] if key.startswith(("conv1.", "layer1.")) and key.endswith("weight")]
     assert all(value.is_contiguous() for value in states["channels_last"].values())

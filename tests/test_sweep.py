@@ -188,15 +188,16 @@ def assert_only_differ_in(base, other, *settings: str) -> None:
         assert other[group] == base[group], group
 
 
-def test_the_main_job_reads_the_canvas_through_a_frozen_pose_pretrained_resnet18_in_bfloat16():
+def test_the_main_job_reads_the_canvas_through_a_frozen_pose_pretrained_resnet18_in_native_precision():
     """One TPS stage; resnet18 at layer2 on the full 42x42 canvas with a normalised head, its backbone
-    pose-pretrained (16 epochs at 3x the rate, channels-last) and frozen, pretext and reader in bfloat16."""
+    pose-pretrained (16 epochs at 3x the rate, channels-last) and frozen, pretext and reader in the precision
+    the machine computes natively (auto)."""
     main = compose_train("+experiment=mnist_tps")
     assert (main.model.transform, main.model.stage_start, main.model.freeze_classifier) == ("tps", None, [1, 5])
     reader = {"backbone": "resnet18", "feature_node": "layer2", "input_size": 42, "head_norm": True,
-              "backbone_dtype": "bfloat16", "weights": "pose", "freeze_backbone": True}
+              "backbone_dtype": "auto", "weights": "pose", "freeze_backbone": True}
     assert {key: main.model.loc_net[key] for key in reader} == reader
-    pretext = {"epochs": 16, "lr": 0.003, "backbone_dtype": "bfloat16", "channels_last": True}
+    pretext = {"epochs": 16, "lr": 0.003, "backbone_dtype": "auto", "channels_last": True}
     assert {key: main.pose_pretraining[key] for key in pretext} == pretext
     assert compose_train().pose_pretraining.channels_last is False  # the pretext's own default, as model.channels_last
 
@@ -229,10 +230,11 @@ def test_the_shufflenet_experiment_is_the_earlier_main_job():
     assert {key: shuffle.model.loc_net[key] for key in reader} == reader
     assert (shuffle.model.loc_net.weights, shuffle.model.loc_net.freeze_backbone) == ("pose", True)
     defaults = compose_train().pose_pretraining
-    pretext = ("epochs", "lr", "backbone_dtype", "channels_last")
+    pretext = ("epochs", "lr", "channels_last")
     assert {key: shuffle.pose_pretraining[key] for key in pretext} == {key: defaults[key] for key in pretext}
+    assert (shuffle.pose_pretraining.backbone_dtype, defaults.backbone_dtype) == ("float32", "auto")
     assert_only_differ_in(base, shuffle, "model.transform", "model.stage_start", "model.detach_views",
-                          *(f"model.loc_net.{key}" for key in reader), *(f"pose_pretraining.{key}" for key in pretext))
+                          *(f"model.loc_net.{key}" for key in reader), *(f"pose_pretraining.{key}" for key in (*pretext, "backbone_dtype")))
 
 
 def test_the_r_experiment_is_the_shufflenet_recipe_on_r_with_learning_resnet18_loc_nets():

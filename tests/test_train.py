@@ -6,6 +6,7 @@ directory, which must stay empty. Needs ``$STN_DATA_DIR`` holding ``MNIST/raw`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
@@ -25,6 +27,7 @@ from stn.data.mnist_files import read_split
 from stn.module import STNClassifier
 from stn.pose_split import pose_split
 from stn.pose_weights import pose_weights_file
+from stn.precision import resolve_backbone_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.mnist]
@@ -59,6 +62,24 @@ def read_gray(path: Path) -> torch.Tensor:
 
 def read_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
+
+
+def retested_error(checkpoint: str | Path, data: dict, test_batches: int | None, device: str = "cpu",
+                   bf16: bool = False) -> float:
+    """test/error recomputed without Lightning: the checkpoint's model in evaluation mode over the first
+    ``test_batches`` batches (``None``: all) of the test loader of a data module built from ``data`` (a run's
+    ``config["data"]``), the share of wrong argmax predictions in percent; ``bf16`` under bfloat16 autocast,
+    as ``trainer.precision=bf16-mixed`` tests."""
+    model = STNClassifier.from_checkpoint(str(checkpoint)).eval().to(device)
+    datamodule = instantiate(data)
+    datamodule.setup("test")
+    wrong = seen = 0
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        for images, labels, *_ in itertools.islice(datamodule.test_dataloader(), test_batches):
+            wrong += int((model(images.to(device)).argmax(1).cpu() != labels).sum())
+            seen += labels.numel()
+    assert seen > 0
+    return 100.0 * wrong / seen
 
 
 def events(run: Path) -> EventAccumulator:
@@ -97,6 +118,9 @@ def test_tps_run_writes_metrics_checkpoints_and_no_stray_files(tps_run):
     # rts: the identity leaves the whole spread (about 26° of angle), no non-similar residual
     assert 20 < metrics["test/pose/angle_identity"] < 32 and metrics["test/pose/residual_identity"] < 1e-4
     assert metrics["test/error"] == pytest.approx(100 * (1 - metrics["test/acc"]), abs=1e-4)
+    # the best checkpoint was tested: a plain loop over the run's 2 test batches scores it the same
+    assert metrics["test/error"] == pytest.approx(
+        retested_error(summary["best_checkpoint"], summary["config"]["data"], 2), abs=1e-6)
     assert metrics["val/acc_best"] >= metrics["val/acc"]
     config = summary["config"]
     assert config["model"]["transform"] == ["similarity", "tps"] and config["data"]["distortion"] == "rts"
@@ -180,14 +204,18 @@ def test_checkpoint_reloads_in_a_new_process_with_the_same_test_metric(tps_run, 
 
 
 def test_eval_on_another_distortion(tps_run, tmp_path):
+    """The checkpoint re-tested on E scores what a plain loop over the first test batch of E (eval seed 3, the
+    checkpoint's) scores with the same weights."""
+    checkpoint = tps_run / "checkpoints" / "last.ckpt"
     run, _ = run_script(
-        "eval.py", tmp_path, "eval_e", f"ckpt_path={tps_run / 'checkpoints' / 'last.ckpt'}",
+        "eval.py", tmp_path, "eval_e", f"ckpt_path={checkpoint}",
         "data.distortion=e", "data.batch_size=32", "trainer.limit_test_batches=1", "callbacks.pose_split.digits=20",
         "callbacks.pose_split.draws=2",
     )
     evaluated = read_metrics(run)
-    assert evaluated["config"]["data"]["distortion"] == "e"
-    assert 0 <= evaluated["metrics"]["test/error"] <= 100
+    data = evaluated["config"]["data"]
+    assert (data["distortion"], data["eval_seed"], data["batch_size"]) == ("e", 3, 32)
+    assert evaluated["metrics"]["test/error"] == pytest.approx(retested_error(checkpoint, data, 1), abs=1e-6)
     assert evaluated["metrics"]["test/pose_split/draws"] == 2  # split on the distortion tested
 
 
@@ -268,7 +296,10 @@ def test_cnn_experiment_with_fast_dev_run(tmp_path):
     summary = read_metrics(run)
     assert summary["config"]["model"]["transform"] == "none"
     assert summary["config"]["data"]["distortion"] == "rts"
-    assert 0 <= summary["metrics"]["test/error"] <= 100
+    # fast_dev_run keeps no weights to re-test: the error is a count of wrong digits in its one test batch of 32
+    wrong = summary["metrics"]["test/error"] / 100 * 32
+    assert wrong == pytest.approx(round(wrong), abs=1e-4) and 0 <= round(wrong) <= 32
+    assert summary["metrics"]["test/acc"] == pytest.approx(1 - round(wrong) / 32, abs=1e-6)
     assert summary["best_checkpoint"] is None and not list(run.rglob("*.ckpt"))
     assert not any(key.startswith("test/pose_split/") for key in summary["metrics"])  # no transformer, no split
 
@@ -389,7 +420,9 @@ def test_main_job_pretrains_its_loc_net_backbone_once_and_keeps_it_frozen(tmp_pa
     cached = list((tmp_path / "pose" / "cache").glob("*.pth"))
     summary = read_metrics(run)
     settings = {**summary["config"]["pose_pretraining"], "distortion": "rts"}
-    assert settings["channels_last"] is True and settings["backbone_dtype"] == "bfloat16"
+    native = resolve_backbone_dtype("auto", "cpu")
+    assert settings["channels_last"] is True and settings["backbone_dtype"] == native
+    assert summary["precision"]["pose_pretraining_backbone_dtype"] == summary["precision"]["loc_net_backbone_dtype"] == native
     assert cached == [pose_weights_file("resnet18", "layer2", (16, 16), settings, tmp_path / "pose" / "cache")]
     assert cached[0] != pose_weights_file("resnet18", "layer2", (16, 16), {**settings, "channels_last": False},
                                           tmp_path / "pose" / "cache")
@@ -399,7 +432,7 @@ def test_main_job_pretrains_its_loc_net_backbone_once_and_keeps_it_frozen(tmp_pa
     state = torch.load(cached[0], map_location="cpu", weights_only=True)
     assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
-    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == ["bfloat16"]
+    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == [native]
     assert_backbones_hold(model, state)
     cache_dir = f"paths.cache_dir={tmp_path / 'pose' / 'cache'}"
     _, output = run_script("train.py", tmp_path, "again", "+experiment=mnist_tps", *tiny_run, cache_dir, "data.distortion=e")
@@ -423,7 +456,7 @@ def test_the_two_stage_resnet18_recipe_reads_the_main_jobs_pose_file_in_both_sta
     state = torch.load(cached[0], map_location="cpu", weights_only=True)
     summary = read_metrics(run)
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
-    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == ["bfloat16", "bfloat16"]
+    assert [loc_net.backbone_dtype for loc_net in model.transformer.loc_nets] == [resolve_backbone_dtype("auto", "cpu")] * 2
     assert_backbones_hold(model, state)
     assert math.isfinite(summary["metrics"]["test/pose/angle_left"])
 
@@ -438,6 +471,9 @@ def test_bf16_and_compile_options_through_the_script_on_cpu(tmp_path, tiny_run):
     assert summary["config"]["trainer"]["precision"] == "bf16-mixed"
     assert summary["config"]["model"]["compile"] == {"backend": "aot_eager"}
     assert "networks compiled lazily" in (run / "train.log").read_text()
-    assert 0 <= summary["metrics"]["test/error"] <= 100 and "test/pose/angle_left" in summary["metrics"]
+    # the best checkpoint re-tested eagerly under bf16 autocast, in a plain loop over the run's 2 test batches
+    expected = retested_error(summary["best_checkpoint"], summary["config"]["data"], 2, bf16=True)
+    assert summary["metrics"]["test/error"] == pytest.approx(expected, abs=1e-6)
+    assert "test/pose/angle_left" in summary["metrics"]
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])  # compiled in place: plain keys
     assert model(torch.rand(2, 1, 42, 42)).shape == (2, 10)
