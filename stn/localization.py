@@ -246,7 +246,7 @@ class LocalizationNet(nn.Module):
         head_norm: bool = False,
         lr_mult: float = 1.0,
         backbone_lr_mult: float = 1.0,
-        backbone_dtype: str = "auto",
+        backbone_dtype: str = "float32",
     ):
         super().__init__()
         initial = torch.as_tensor(initial, dtype=torch.float32)

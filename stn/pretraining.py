@@ -174,7 +174,7 @@ def pretrain_pose(
     lr: float = 1e-3,
     hidden: int = 64,
     seed: int = 0,
-    backbone_dtype: str = "auto",
+    backbone_dtype: str = "float32",
     channels_last: bool = False,
 ) -> dict[str, Tensor]:
     """Train ``backbone`` cut at ``feature_node`` to regress the pose of distorted ``images``; return the
