@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 from PIL import Image
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
@@ -181,7 +182,11 @@ def test_root_defaults_to_env_then_repo_data(tmp_path, monkeypatch):
     assert MNISTDataModule(root=None).root == tmp_path
     monkeypatch.delenv("STN_DATA_DIR")
     assert MNISTDataModule().root == REPO_ROOT / "data"
-    assert (REPO_ROOT / "stn" / "tps.py").is_file()
+    checkout = Path(__file__).resolve().parents[1]  # found from this file, not from the package's constant
+    assert MNISTDataModule().root == checkout / "data"
+    monkeypatch.setenv("PROJECT_ROOT", str(checkout))  # as the scripts set it
+    paths = OmegaConf.create({"paths": OmegaConf.load(checkout / "configs" / "paths" / "default.yaml")}).paths
+    assert Path(paths.data_dir) == MNISTDataModule().root  # the scripts' default folder (paths.data_dir) is the same
 
 
 def test_bad_settings_name_setting_and_fix(tmp_path):

@@ -14,7 +14,7 @@ from stn.data.distortions import distort_with_map, sample_params, warp
 from stn.localization import LocalizationNet
 from stn.module import STNClassifier
 from stn.tps import TPSGridGen, grid_points
-from test_train import read_metrics, run_script
+from test_train import read_metrics, retested_error, run_script
 
 pytestmark = [
     pytest.mark.cuda,
@@ -80,7 +80,9 @@ def test_a_gpu_run_with_bf16_writes_checkpoints_that_load_on_a_cpu(tmp_path, tin
         "trainer.precision=bf16-mixed",
     )
     summary = read_metrics(run)
-    assert 0 <= summary["metrics"]["test/error"] <= 100
+    # the best checkpoint re-tested on the GPU under bf16 autocast, in a plain loop over the run's 2 test batches
+    expected = retested_error(summary["best_checkpoint"], summary["config"]["data"], 2, device="cuda", bf16=True)
+    assert summary["metrics"]["test/error"] == pytest.approx(expected, abs=1e-6)
     model = STNClassifier.from_checkpoint(summary["last_checkpoint"])
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert model(torch.rand(2, 1, 42, 42)).shape == (2, 10)
