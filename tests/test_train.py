@@ -358,8 +358,12 @@ def test_pretrained_loc_net_backbone_from_the_pretraining_script(tmp_path, tiny_
     weights = pretrained / file
     assert f"Backbone weights: {weights}" in output
     if task == "pose":
-        assert re.search(r"pose pretraining shufflenet_v2_x0_5 at stage2: epoch 0, rms error / rms pose: angle \d\.\d{3}, "
-                         r"log_scale \d\.\d{3}, shift_x \d\.\d{3}, shift_y \d\.\d{3}", output), output[-2000:]
+        task_name = r"pose pretraining shufflenet_v2_x0_5 at stage2 \((float32|bfloat16)\)"  # pretrain_loc_net's auto
+        # the progress lines: the whole pretext's time from its first steps, then each epoch with the time left
+        assert re.search(task_name + r": \d+ steps at \d+ ms a step on this machine \(its first steps\): about \d+ s in all",
+                         output), output[-2000:]
+        assert re.search(task_name + r": epoch 1/1, rms error / rms pose: angle \d\.\d{3}, log_scale \d\.\d{3}, "
+                         r"shift_x \d\.\d{3}, shift_y \d\.\d{3}; \d+ s so far, about 0 s left", output), output[-2000:]
     state = torch.load(weights, map_location="cpu", weights_only=True)
     run, _ = run_script(
         "train.py", tmp_path, "with_weights", "+experiment=mnist_tps_shufflenet", *tiny_run,
