@@ -38,16 +38,19 @@ def check_backbone_dtype(dtype: str, setting: str) -> str:
     return dtype
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` (``flags``, ``model name``) for the first CPU in Linux ``/proc/cpuinfo``; ``None``
+    where there is no such file or field."""
     try:
-        text = CPUINFO.read_text()
+        lines = CPUINFO.read_text().splitlines()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        return None
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith(field)), None)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where ``/proc/cpuinfo`` is missing)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def _onednn_allows_bfloat16() -> bool:
@@ -58,13 +61,7 @@ def _onednn_allows_bfloat16() -> bool:
 
 def cpu_name() -> str:
     """The CPU's model name, e.g. ``AMD EPYC`` (``platform.processor()`` where ``/proc/cpuinfo`` is missing)."""
-    try:
-        for line in CPUINFO.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @functools.cache
